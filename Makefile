@@ -1,0 +1,36 @@
+# fraqat: `make train` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision must come together: clean-fid imports torchvision, and a
+# torchvision built for another torch fails to import. Override for your platform.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install train eval test test-all lint bench bench-quant clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]" $(TORCH_SPEC)
+	touch $(STAMP)
+
+train: install
+	$(VENV)/bin/fraqat-train
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m pip install --quiet -e ".[bench]" $(TORCH_SPEC)
+	$(PY) benchmarks/fake_quant.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

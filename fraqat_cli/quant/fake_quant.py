@@ -1,0 +1,141 @@
+"""How to fake-quantize: the FraQAT quantizer as one pure function.
+
+Symmetric (narrow) range, after the paper:
+    codes = R(x / max|x| * (2^(b-1) - 1)) clamped to the integers in [-2^(b-1), 2^(b-1) - 1]
+    out   = codes * max|x| / (2^(b-1) - 1)
+Asymmetric (wide) range:
+    codes = R((x - min) / (max - min) * 2^b) clamped to the integers in [0, 2^b - 1]
+    out   = codes * (max - min) / 2^b + min
+`b` may be fractional: the codes stay integers and the scale shrinks smoothly
+(at b = 5.5 with floor rounding the symmetric codes span [-22, 21]).
+Dividing by the range before multiplying by the level count keeps the extreme
+values exactly on a code: x / max|x| is exactly +-1 there, which floor rounding
+would otherwise turn into the code below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fraqat_cli.quant.spec import PASS_THROUGH_BITS, QuantSpec, validate_bits
+from fraqat_cli.quant.ste import StraightThrough
+
+# Smallest positive float32; keeps an all-zero tensor (or group) from dividing by zero.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def code_range(bits: float, symmetric: bool) -> tuple[int, int]:
+    """Integer codes a `bits`-bit quantizer may emit, as (lowest, highest)."""
+    if symmetric:
+        half = 2.0 ** (bits - 1)
+        return -math.floor(half), math.floor(half - 1)
+    return 0, math.floor(2.0**bits - 1)
+
+
+def _grouped_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape so that each scale covers exactly the last dimension of the view."""
+    if spec.granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    if spec.granularity == "per_channel":
+        return x
+    length = x.shape[-1]
+    if length % spec.group_size:
+        raise ValueError(
+            f"group_size={spec.group_size} does not divide the row length {length} of a tensor of shape "
+            f"{tuple(x.shape)}; allowed: a divisor of {length}"
+        )
+    return x.reshape(*x.shape[:-1], length // spec.group_size, spec.group_size)
+
+
+def _quantize_view(
+    view: torch.Tensor,
+    bits: float,
+    spec: QuantSpec,
+    value_range: tuple[torch.Tensor, torch.Tensor] | None,
+    want_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fake-quantize a float32/float64 view whose last dimension shares one scale."""
+    lo_code, hi_code = code_range(bits, spec.symmetric)
+    round_ = torch.floor if spec.rounding == "floor" else torch.round
+    if spec.symmetric:
+        levels = 2.0 ** (bits - 1) - 1
+        if value_range is None:
+            span = view.abs().amax(dim=-1, keepdim=True)
+        else:
+            span = torch.maximum(value_range[0].abs(), value_range[1].abs()).to(view.dtype)
+        span = span.clamp_min(_TINY)
+        ratio = view / span  # (..., G) in [-1, 1] for in-range values
+        offset = None
+    else:
+        levels = 2.0**bits
+        if value_range is None:
+            low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
+        else:
+            low, high = (v.to(view.dtype) for v in value_range)
+        span = (high - low).clamp_min(_TINY)
+        ratio = (view - low) / span  # (..., G) in [0, 1] for in-range values
+        offset = low
+    codes = round_(ratio.mul_(levels))
+    mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
+    out = codes.clamp_(lo_code, hi_code).mul_(span / levels)
+    if offset is not None:
+        out = out.add_(offset)
+    return out, mask
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    bits: float | None,
+    *,
+    granularity: str = "per_channel",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    rounding: str = "floor",
+    value_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clip_gradient: bool = False,
+) -> torch.Tensor:
+    """Quantize-dequantize `x` to `bits` bits; same shape and dtype, straight-through gradient.
+
+    bits: a real number in [2, 16]; None or >= 32 returns `x` itself.
+    value_range: fixed (min, max) instead of the tensor's own, for calibrated
+    static activation ranges (per-tensor: 0-d tensors).
+    clip_gradient: zero the gradient where `x` fell outside the range.
+    """
+    return fake_quantize_spec(
+        x,
+        bits,
+        QuantSpec(granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding),
+        value_range=value_range,
+        clip_gradient=clip_gradient,
+    )
+
+
+def fake_quantize_spec(
+    x: torch.Tensor,
+    bits: float | None,
+    spec: QuantSpec,
+    *,
+    value_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clip_gradient: bool = False,
+) -> torch.Tensor:
+    """`fake_quantize` for callers that already hold a validated `QuantSpec`."""
+    bits = validate_bits(bits)
+    if bits >= PASS_THROUGH_BITS:
+        return x
+    if not x.is_floating_point():
+        raise ValueError(f"fake_quantize needs a floating-point tensor; got dtype {x.dtype}")
+    if value_range is not None and spec.granularity != "per_tensor":
+        raise ValueError(f"a fixed value_range needs granularity 'per_tensor'; got {spec.granularity!r}")
+    _grouped_view(x, spec)  # validate the grouping before entering autograd
+
+    def quantize(t: torch.Tensor, want_mask: bool):
+        compute = t if t.dtype == torch.float64 else t.float()
+        out, mask = _quantize_view(_grouped_view(compute, spec), bits, spec, value_range, want_mask)
+        out = out.reshape(t.shape).to(t.dtype)
+        return out, (mask.reshape(t.shape) if mask is not None else None)
+
+    return StraightThrough.apply(x, quantize, clip_gradient)

@@ -1,0 +1,86 @@
+"""What to quantize: a frozen, validated description of one fake quantizer.
+
+The spec says *what* (granularity, group size, symmetry, rounding); `fake_quant`
+says *how*; `swap` says *where*. Bit-widths are not part of the spec: they are
+run-time state on each quantizer, set by a schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ROUNDINGS = ("floor", "nearest")
+
+# Fractional bits are a software construct; 2 bits is the narrowest range that
+# still has a positive and a negative code, 16 the widest a float16 scale keeps
+# meaningful. 32 and above (or None) means "leave the tensor in full precision".
+MIN_BITS = 2.0
+MAX_BITS = 16.0
+PASS_THROUGH_BITS = 32.0
+
+
+def validate_bits(bits: float | None) -> float:
+    """Return `bits` as a float, or `PASS_THROUGH_BITS` for None / >= 32.
+
+    Raises ValueError for NaN, non-numbers and values outside [2, 16] that are
+    not a pass-through request.
+    """
+    if bits is None:
+        return PASS_THROUGH_BITS
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+        try:
+            bits = float(bits)  # numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"bits must be a number in [{MIN_BITS:g}, {MAX_BITS:g}], or >= {PASS_THROUGH_BITS:g} "
+                f"or None for full precision; got {bits!r}"
+            ) from None
+    bits = float(bits)
+    if math.isnan(bits):
+        raise ValueError(f"bits is NaN; allowed: a number in [{MIN_BITS:g}, {MAX_BITS:g}], or >= 32 or None")
+    if bits >= PASS_THROUGH_BITS:
+        return PASS_THROUGH_BITS
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits={bits:g} is out of range; allowed: [{MIN_BITS:g}, {MAX_BITS:g}] for fake quantization, "
+            f"or >= {PASS_THROUGH_BITS:g} (or None) for full precision"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is fake-quantized.
+
+    granularity: `per_tensor` (one scale), `per_channel` (one scale per row, i.e.
+    per output channel of a weight, per token of an activation) or `per_group`
+    (one scale per `group_size` consecutive elements of the last dimension).
+    symmetric: narrow symmetric range around zero (True) or the wide asymmetric
+    min/max range (False), both as in the FraQAT paper.
+    rounding: `floor` (default; reproduces the paper's INT5.5 range [-22, 21]) or
+    `nearest`.
+    """
+
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    rounding: Literal["floor", "nearest"] = "floor"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+        if self.granularity == "per_group":
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"per_group granularity needs a positive integer group_size; got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size!r} only applies to granularity 'per_group', "
+                f"not {self.granularity!r}"
+            )
