@@ -1,11 +1,151 @@
-"""`fraqat-train`: distil a fake-quantized student from a full-precision teacher."""
+"""`fraqat-train`: distil a fake-quantized student from a full-precision teacher.
+
+`train(cfg)` does the work and returns its metrics, so tests and sweepers can
+call it in-process; `main` is the thin Hydra entry point.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from fraqat_cli.cache import atomic_write
+from fraqat_cli.sweep import METRICS_FILE
+
+
+def output_dir() -> Path:
+    """Hydra's run folder for this job, or the working directory outside Hydra."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def job_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Reject nonsense before any model is built."""
+    steps = cfg.trainer.max_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"trainer.max_steps must be a positive integer; got {steps!r}")
+    if not (isinstance(cfg.optim.lr, (int, float)) and cfg.optim.lr > 0):
+        raise ValueError(f"optim.lr must be a positive number; got {cfg.optim.lr!r}")
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
+    if cfg.checkpoint_every_n_steps < 1:
+        raise ValueError(f"checkpoint_every_n_steps must be a positive integer; got {cfg.checkpoint_every_n_steps!r}")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback
+    from fraqat_cli.checkpointing import AtomicCheckpointIO, resume_path
+    from fraqat_cli.conditioning import prompt_conditioning
+    from fraqat_cli.data import ConditionedLatents
+    from fraqat_cli.distill import DistillationModule
+    from fraqat_cli.models import load_pipeline
+    from fraqat_cli.sampling import student_grid_maker
+    from fraqat_cli.student import build_student
+
+    # 1. Everything that can be wrong with the config fails here, before a model is built.
+    check_numbers(cfg)
+    schedule = instantiate(cfg.schedule)
+    source = instantiate(cfg.data)
+    family = instantiate(cfg.model.family)
+    noise = instantiate(cfg.model.noise)
+    run_dir = output_dir()
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = resume_path(cfg.resume, checkpoint_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 2. Prompts -> cached text conditioning; clean latents (teacher samples or VAE-encoded images).
+    prompts = source.prompts()
+    cond, negative = prompt_conditioning(cfg.model, prompts, cfg.cache_dir)
+    pipe = load_pipeline(cfg.model, without=family.text_parts)
+    latents = source.latents(pipe, family, cfg.model, cond, negative, cfg.cache_dir, cfg.seed)
+    noise.bind(pipe.scheduler.config)
+
+    # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
+    teacher = pipe.transformer
+    student, summary = build_student(teacher, cfg.quantizer, cfg.model, schedule(0, cfg.trainer.max_steps))
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    print(f"student: {summary}; schedule: {schedule}")
+    module = DistillationModule(
+        teacher, student, family, noise,
+        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+        trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
+        record={"config": OmegaConf.to_container(cfg, resolve=True), "schedule": repr(schedule)},
+    )
+    loader = torch.utils.data.DataLoader(
+        ConditionedLatents(cond, latents), batch_size=source.batch_size, shuffle=True,
+        num_workers=source.num_workers, drop_last=len(latents) >= source.batch_size,
+    )
+
+    # 4. Fit, checkpointing the student, optimizer and loop position (plus the resolved config).
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="step={step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
+    )
+    callbacks = [BitScheduleCallback(schedule), checkpoints]
+    if cfg.sample_every_n_steps > 0:
+        make_grid = student_grid_maker(pipe, family, cfg.model, cond, negative, cfg.num_sample_images, cfg.seed)
+        callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir), callbacks=callbacks, logger=make_logger(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False,
+    )
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+
+    # 5. Report.
+    metrics = {
+        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
+        "steps": int(trainer.global_step),
+        "checkpoint": str(checkpoint_dir / "last.ckpt"),
+        "quantized_layers": summary.quantized_layers,
+        "quantized_params": summary.quantized_params,
+        "overrides": job_overrides(),
+    }
+    if trainer.is_global_zero:
+        atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    return metrics
+
+
+def make_logger(cfg: DictConfig, run_dir: Path):
+    """The configured Lightning logger; wandb runs offline unless WANDB_MODE says otherwise."""
+    if not cfg.logger:
+        return False
+    os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login
+    return instantiate(cfg.logger, save_dir=str(run_dir))
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    from fraqat_cli.models import ModelLoadError
+
+    try:
+        metrics = train(cfg)
+    except (ValueError, FileNotFoundError, ModelLoadError) as error:
+        print(f"fraqat-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))

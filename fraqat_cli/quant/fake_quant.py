@@ -58,17 +58,21 @@ def _quantize_view(
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fake-quantize a float32/float64 view whose last dimension shares one scale."""
+    """Fake-quantize a float32/float64 view whose last dimension shares one scale.
+
+    Speed: the view is read-only (it may be the caller's tensor), so `ratio` is the
+    one full-size allocation; every later pass works in place on it. max|x| comes
+    from amax and amin rather than abs(), which would allocate another copy.
+    """
     lo_code, hi_code = code_range(bits, spec.symmetric)
-    round_ = torch.floor if spec.rounding == "floor" else torch.round
     if spec.symmetric:
         levels = 2.0 ** (bits - 1) - 1
         if value_range is None:
-            span = view.abs().amax(dim=-1, keepdim=True)
+            low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
-            span = torch.maximum(value_range[0].abs(), value_range[1].abs()).to(view.dtype)
-        span = span.clamp_min(_TINY)
-        ratio = view / span  # (..., G) in [-1, 1] for in-range values
+            low, high = value_range
+        span = torch.maximum(low.abs(), high.abs()).to(view.dtype).clamp_min_(_TINY)
+        ratio = torch.div(view, span)  # (..., G) in [-1, 1] for in-range values
         offset = None
     else:
         levels = 2.0**bits
@@ -76,10 +80,11 @@ def _quantize_view(
             low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
             low, high = (v.to(view.dtype) for v in value_range)
-        span = (high - low).clamp_min(_TINY)
-        ratio = (view - low) / span  # (..., G) in [0, 1] for in-range values
+        span = (high - low).clamp_min_(_TINY)
+        ratio = torch.sub(view, low).div_(span)  # (..., G) in [0, 1] for in-range values
         offset = low
-    codes = round_(ratio.mul_(levels))
+    codes = ratio.mul_(levels)
+    codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
     mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
     out = codes.clamp_(lo_code, hi_code).mul_(span / levels)
     if offset is not None:

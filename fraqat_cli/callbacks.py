@@ -1,0 +1,53 @@
+"""Lightning callbacks: the bit schedule, and sample images from the student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from fraqat_cli.quant import set_weight_bits
+
+
+class BitScheduleCallback(L.Callback):
+    """Before every step, set the student's weight bit-width to `schedule(step, max_steps)` and log it.
+
+    The bit-width is a function of the global step alone, so a resumed run
+    continues at the bit-width the interrupted one had reached.
+    """
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def apply(self, trainer: L.Trainer, module: L.LightningModule) -> float:
+        bits = self.schedule(min(trainer.global_step, trainer.max_steps - 1), trainer.max_steps)
+        set_weight_bits(module.student, bits)
+        return bits
+
+    def on_fit_start(self, trainer, module) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be a positive number of steps; got {trainer.max_steps}")
+        self.apply(trainer, module)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        bits = self.apply(trainer, module)
+        module.log("train/weight_bits", bits, on_step=True, on_epoch=False, batch_size=1)
+
+
+class SampleImagesCallback(L.Callback):
+    """Every `every_n_steps`, draw images of fixed prompts with the student and save/log a grid."""
+
+    def __init__(self, make_grid, every_n_steps: int, out_dir: str | Path) -> None:
+        self.make_grid, self.every_n_steps, self.out_dir = make_grid, every_n_steps, Path(out_dir)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        grid = self.make_grid(module.student)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{step:06d}.png"
+        grid.save(path)
+        log_image = getattr(trainer.logger, "log_image", None)
+        if log_image is not None:
+            log_image(key="samples", images=[grid], step=step)

@@ -1,0 +1,119 @@
+"""The distillation module: a frozen teacher, its fake-quantized student, an MSE between their outputs.
+
+It wires the pieces and knows nothing of how quantization, schedules or data
+work inside. Only the student is a registered submodule, so only the student
+is trained, wrapped by DDP/FSDP, and saved in checkpoints; the teacher is
+rebuilt from the model config.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DistillationModule(L.LightningModule):
+    """Train `student` to reproduce `teacher` on the same noisy latents, timesteps and prompts.
+
+    family: adapter giving the transformer's keyword arguments (`fraqat_cli.families`).
+    noise: callable (clean latents, noise) -> (noisy latents, timesteps) (`fraqat_cli.noise`).
+    trainable: fnmatch patterns over parameter names; the rest of the student stays frozen
+    (the paper's selective training).
+    feature_loss_weight: > 0 adds an MSE between the outputs of matching transformer blocks.
+    record: plain data stored in every checkpoint under "fraqat" (the resolved config).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, family, noise, *, lr: float = 1e-5,
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), trainable=("*",), feature_loss_weight: float = 0.0,
+                 block_pattern: str = "*transformer_blocks.[0-9]*", record: dict | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module registration
+        self.family, self.noise = family, noise
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.feature_loss_weight, self.block_pattern = feature_loss_weight, block_pattern
+        self.trainable_params = freeze_all_but(student, trainable)
+        self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def distillation_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        latents = batch["latents"]
+        cond = {k: v for k, v in batch.items() if k != "latents"}
+        noisy, timesteps = self.noise(latents, torch.randn_like(latents))
+        teacher_dtype = next(self.teacher.parameters()).dtype
+        teacher_cond = {k: v.to(teacher_dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        with torch.no_grad(), _block_outputs(self.teacher, self.block_pattern, self.feature_loss_weight > 0) as t_feats:
+            target = self.teacher(**self.family.transformer_kwargs(noisy.to(teacher_dtype), timesteps, teacher_cond),
+                                  return_dict=False)[0]
+        with _block_outputs(self.student, self.block_pattern, self.feature_loss_weight > 0) as s_feats:
+            prediction = self.student(**self.family.transformer_kwargs(noisy, timesteps, cond), return_dict=False)[0]
+        losses = {"output_loss": F.mse_loss(prediction.float(), target.float())}
+        if self.feature_loss_weight > 0:
+            losses["feature_loss"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats)) / len(s_feats)
+            losses["loss"] = losses["output_loss"] + self.feature_loss_weight * losses["feature_loss"]
+        else:
+            losses["loss"] = losses["output_loss"]
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        losses = self.distillation_loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["latents"]))
+        return losses["loss"]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep what `fraqat-eval` needs to rebuild the model from the checkpoint alone."""
+        from fraqat_cli.quant import weight_bits_of
+
+        checkpoint["fraqat"] = {**self.record, "weight_bits": sorted(weight_bits_of(self.student))}
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        # The paper trains with (fused) Adam and no weight decay; fused needs CUDA.
+        fused = bool(params) and params[0].is_cuda
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, fused=fused)
+
+
+def freeze_all_but(model: nn.Module, patterns) -> int:
+    """Leave gradients on only for parameters whose names match a pattern; returns how many remain."""
+    patterns = tuple(patterns)
+    names = [name for name, _ in model.named_parameters()]
+    if not any(fnmatchcase(name, p) for name in names for p in patterns):
+        raise ValueError(
+            f"trainable patterns {list(patterns)} match no parameter of {type(model).__name__}; "
+            f"allowed: fnmatch patterns over names such as {', '.join(names[:4])}"
+        )
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatchcase(name, p) for p in patterns))
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
+class _block_outputs:
+    """Collect the first tensor output of every block matching `pattern` during one forward pass."""
+
+    def __init__(self, model: nn.Module, pattern: str, enabled: bool) -> None:
+        self.blocks = [m for n, m in model.named_modules() if enabled and fnmatchcase(n, pattern) and n.count(".") == 1]
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+
+    def _hook(self, module, args, output):
+        self.outputs.append(output[-1] if isinstance(output, tuple) else output)
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self.handles = [b.register_forward_hook(self._hook) for b in self.blocks]
+        return self.outputs
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,131 @@
+"""What differs between model families: prompt encoding, transformer inputs, latent layout.
+
+Each family speaks to its own diffusers pipeline and transformer class; the
+distillation loop only calls these four methods, so it never branches on a name.
+Conditioning is a dict of tensors with the batch first, so it caches and
+batches like any other data.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxPipeline
+
+
+def _vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Encode images in [-1, 1] (B, 3, H, W) into the latent space the transformer sees."""
+    encoded = vae.encode(images.to(vae.device, vae.dtype))
+    raw = encoded.latent if hasattr(encoded, "latent") else encoded.latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (raw - shift) * vae.config.scaling_factor
+
+
+class DiTFamily:
+    """Shared behaviour; subclasses set `text_parts` and the conditioning keys."""
+
+    text_parts: tuple[str, ...] = ("tokenizer", "text_encoder")
+
+    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def transformer_kwargs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> dict:
+        raise NotImplementedError
+
+    def pipeline_kwargs(self, cond: dict, negative: dict | None) -> dict:
+        """Pipeline arguments that stand in for prompts, from cached conditioning."""
+        kwargs = dict(cond)  # cached keys are named as the pipelines' own arguments
+        if negative:
+            kwargs["negative_prompt"] = None  # the embeddings below stand in for it
+            kwargs.update({"negative_" + k: v.expand(len(next(iter(cond.values()))), *v.shape[1:])
+                           for k, v in negative.items()})
+        return kwargs
+
+    def image_latents(self, pipe, images: torch.Tensor) -> torch.Tensor:
+        return _vae_latents(pipe.vae, images)
+
+    def from_pipeline_latents(self, pipe, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Latents returned by `pipe(..., output_type="latent")` in (B, C, H, W) layout."""
+        return latents
+
+
+class SanaFamily(DiTFamily):
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            complex_human_instruction=None, device=torch.device("cpu"),
+        )
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def transformer_kwargs(self, latents, timesteps, cond):
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": cond["prompt_embeds"],
+            "encoder_attention_mask": cond["prompt_attention_mask"],
+            "timestep": timesteps,
+        }
+
+
+class PixArtFamily(SanaFamily):
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=torch.device("cpu"),
+        )
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def transformer_kwargs(self, latents, timesteps, cond):
+        kwargs = super().transformer_kwargs(latents, timesteps, cond)
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return kwargs
+
+
+class SD3Family(DiTFamily):
+    text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length, device=torch.device("cpu"),
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def transformer_kwargs(self, latents, timesteps, cond):
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": cond["prompt_embeds"],
+            "pooled_projections": cond["pooled_prompt_embeds"],
+            "timestep": timesteps,
+        }
+
+
+class FluxFamily(DiTFamily):
+    """FLUX packs 2x2 latent patches into tokens and takes positions as ids; timesteps in [0, 1]."""
+
+    text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+    def encode_prompts(self, pipe, prompts, max_sequence_length):
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, max_sequence_length=max_sequence_length, device=torch.device("cpu")
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def transformer_kwargs(self, latents, timesteps, cond):
+        batch, channels, height, width = latents.shape
+        packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)  # (B, HW/4, 4C)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
+        return {
+            "hidden_states": packed,
+            "encoder_hidden_states": cond["prompt_embeds"],
+            "pooled_projections": cond["pooled_prompt_embeds"],
+            "timestep": timesteps.to(latents.dtype) / 1000,
+            "img_ids": image_ids,
+            "txt_ids": text_ids,
+            "guidance": None,
+        }
+
+    def pipeline_kwargs(self, cond, negative):
+        return dict(cond)  # schnell samples without classifier-free guidance
+
+    def from_pipeline_latents(self, pipe, latents, resolution):
+        return FluxPipeline._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)

@@ -1,0 +1,80 @@
+"""Load a model family's diffusers pipeline from `conf/model/*`: real weights or a tiny random twin.
+
+Real models come from `path` (a local diffusers folder) or the hub (`hub_id` at
+`revision`), in the config's dtype. Tiny twins (`components:` in the config) are
+built from the same classes with tiny configs and weights drawn from `init_seed`,
+so the same config always yields the same teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A real model could not be loaded; the message says how to point at local weights."""
+
+
+def model_dtype(model_cfg: DictConfig) -> torch.dtype:
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={model_cfg.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[model_cfg.dtype]
+
+
+DENOISER_PARTS = ("transformer", "vae")
+
+
+def load_pipeline(model_cfg: DictConfig, without: tuple[str, ...] = ()):
+    """Build the family's pipeline, leaving out the named components (e.g. the text encoders once
+    their outputs are cached, or the transformer and VAE when only prompts are encoded)."""
+    pipeline_cls = get_class(model_cfg.pipeline)
+    dtype = model_dtype(model_cfg)
+    skipped = {name: None for name in without}
+    if model_cfg.get("components"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_cfg.init_seed)
+            parts = {name: (None if name in skipped else instantiate(spec)) for name, spec in model_cfg.components.items()}
+        pipe = pipeline_cls(**parts)
+    else:
+        pipe = _from_pretrained(pipeline_cls, model_cfg, dtype, skipped)
+    for name in DENOISER_PARTS:
+        if getattr(pipe, name, None) is not None and getattr(pipe, name).dtype != dtype:
+            getattr(pipe, name).to(dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_pretrained(pipeline_cls, model_cfg: DictConfig, dtype: torch.dtype, skipped: dict):
+    if model_cfg.path:
+        source = Path(model_cfg.path).expanduser()
+        if not source.is_dir():
+            raise ModelLoadError(
+                f"model.path={str(source)!r} is not a folder; give the folder of a diffusers pipeline "
+                f"(one with model_index.json), e.g. a download of {model_cfg.hub_id}"
+            )
+        source, revision = str(source), None
+    else:
+        source, revision = model_cfg.hub_id, model_cfg.revision
+    try:
+        return pipeline_cls.from_pretrained(source, revision=revision, torch_dtype=dtype, **skipped)
+    except Exception as error:  # hub or file errors come as many types; all mean "not loadable here"
+        raise ModelLoadError(
+            f"could not load model {model_cfg.name!r} from {source!r} ({type(error).__name__}: {error}). "
+            f"Without network access, download it where you have one "
+            f"(`hf download {model_cfg.hub_id} --revision {model_cfg.revision} --local-dir DIR`) "
+            f"and run with model.path=DIR"
+        ) from error
+
+
+def model_identity(model_cfg: DictConfig) -> dict:
+    """What determines a model's outputs, for cache keys."""
+    from omegaconf import OmegaConf
+
+    keys = ("name", "pipeline", "hub_id", "revision", "path", "dtype", "init_seed", "components", "max_sequence_length")
+    return {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k] for k in keys}

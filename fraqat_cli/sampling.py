@@ -1,0 +1,75 @@
+"""Generate with a family's own diffusers pipeline from cached conditioning, one seed per prompt."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from fraqat_cli.conditioning import select
+
+
+@torch.no_grad()
+def generate(pipe, family, model_cfg: DictConfig, cond: dict, negative: dict, seeds: list[int],
+             output_type: str = "pil", batch_size: int = 8, resolution: int | None = None):
+    """Images (PIL list) or latents (tensor in (B, C, H, W) layout) for every row of `cond`.
+
+    Row i is drawn from `torch.Generator().manual_seed(seeds[i])`, so a prompt's
+    image does not depend on its batch neighbours.
+    """
+    resolution = resolution or model_cfg.resolution
+    sampler = model_cfg.sampler
+    outputs = []
+    for start in range(0, len(seeds), batch_size):
+        rows = slice(start, start + batch_size)
+        device = pipe.transformer.device
+        kwargs = family.pipeline_kwargs(
+            {k: v.to(device) for k, v in select(cond, rows).items()},
+            {k: v.to(device) for k, v in negative.items()},
+        )
+        result = pipe(
+            **kwargs,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=sampler.num_inference_steps,
+            guidance_scale=sampler.guidance_scale,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds[rows]],
+            output_type=output_type,
+            max_sequence_length=model_cfg.max_sequence_length,
+            **sampler.get("extra", {}),
+        ).images
+        if output_type == "latent":
+            outputs.append(family.from_pipeline_latents(pipe, result, resolution).float().cpu())
+        else:
+            outputs.extend(result)
+    return torch.cat(outputs) if output_type == "latent" else outputs
+
+
+def image_grid(images, columns: int | None = None):
+    """Paste equally sized PIL images into one grid image, row by row."""
+    from PIL import Image
+
+    columns = columns or min(len(images), 4)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed: int):
+    """A function student -> grid image of the first `count` prompts, with the student in the pipeline."""
+
+    def make(student):
+        teacher, was_training = pipe.transformer, student.training
+        pipe.transformer = student.eval()
+        pipe.vae.to(next(student.parameters()).device)
+        try:
+            rows = slice(0, count)
+            images = generate(pipe, family, model_cfg, select(cond, rows), negative, list(range(seed, seed + count)))
+        finally:
+            pipe.transformer = teacher
+            student.train(was_training)
+        return image_grid(images)
+
+    return make

@@ -1,0 +1,35 @@
+"""Make the student: a float32 copy of the teacher transformer with fake-quantized linear layers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from fraqat_cli.quant import PASS_THROUGH_BITS, QuantizationSummary, quantize_model
+from fraqat_cli.quantizer import build_quant_config
+
+
+def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, model_cfg: DictConfig,
+                  start_bits: float) -> tuple[nn.Module, QuantizationSummary]:
+    """Copy `teacher`, keep float32 master weights, quantize the layers the configs select.
+
+    `start_bits` is the schedule's first bit-width. A schedule that never
+    quantizes (`fp`) also leaves activations in full precision: the reference
+    student is the teacher itself, trained.
+    """
+    student = copy.deepcopy(teacher).to(torch.float32).train()
+    student.requires_grad_(True)
+    config = build_quant_config(
+        quantizer_cfg,
+        include=model_cfg.quantize.get("include"),
+        exclude=model_cfg.quantize.get("exclude"),
+        weight_bits=start_bits,
+    )
+    if start_bits >= PASS_THROUGH_BITS:
+        from dataclasses import replace
+
+        config = replace(config, activation_bits=None)
+    return student, quantize_model(student, config)

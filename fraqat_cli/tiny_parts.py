@@ -1,0 +1,31 @@
+"""Tokenizers for the tiny twins of the real models, trained in memory in ~0.01 s.
+
+The tiny models (`conf/model/tiny_*.yaml`) use the same diffusers and
+transformers classes as the real ones, with tiny configs and random weights;
+only their tokenizers cannot come from a hub, so they are trained here on the
+offline prompt corpus.
+"""
+
+from __future__ import annotations
+
+from transformers import CLIPTokenizer, GemmaTokenizer, T5Tokenizer
+
+from fraqat_cli.prompts import tokenizer_corpus
+
+
+def gemma_tokenizer(vocab_size: int = 300, model_max_length: int = 300) -> GemmaTokenizer:
+    tok = GemmaTokenizer().train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def t5_tokenizer(vocab_size: int = 200, model_max_length: int = 512) -> T5Tokenizer:
+    tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def clip_tokenizer(vocab_size: int = 300) -> CLIPTokenizer:
+    tok = CLIPTokenizer().train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
+    tok.model_max_length = 77  # pipelines slice to this; unset it overflows
+    return tok
