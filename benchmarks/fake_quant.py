@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 from diffusers import SanaTransformer2DModel
@@ -30,7 +31,7 @@ GRANULARITIES = ("per_channel", "per_group")
 # Targets on the larger model (benchmark brief): no slower than torchao, at most 30% over full precision.
 TARGET_OURS_OVER_TORCHAO, TARGET_OURS_OVER_FP = 1.0, 1.3
 
-# The tiny model is the twin used in the tests; the larger one (4.7 M params) makes a
+# The tiny model is `conf/model/tiny_sana.yaml`'s transformer; the larger one (4.7 M params) makes a
 # step take a few hundred ms on 2 CPU threads, so per-step overheads no longer dominate.
 SANA_TINY = dict(
     in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
@@ -44,7 +45,7 @@ SANA_LARGER = dict(
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Case:
     """A model size to time: constructor kwargs, batch and how many steps make one timed repetition."""
 
@@ -182,7 +183,7 @@ def bench_case(case: Case, reps: int, warmup: int, with_torchao: bool) -> list[d
             mem_fp=memory["fp"],
             mem_ours=memory[f"ours/{granularity}"],
             mem_torchao=memory.get(f"torchao/{granularity}"),
-            targeted=case is CASES[-1],
+            targeted=case.name == CASES[-1].name,
         ))
     return rows
 
@@ -217,11 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed round-robin repetitions per model (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model only, 1 repetition, 1 warm-up: seconds")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 1 warm-up + 1 timed step each")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error(f"need --reps >= 1, --warmup >= 0, --threads >= 1; got {args.reps}, {args.warmup}, {args.threads}")
-    reps, warmup, cases = (1, 1, CASES[:1]) if args.smoke else (args.reps, args.warmup, CASES)
+    if args.smoke:
+        reps, warmup, cases = 1, 1, [dataclasses.replace(CASES[0], steps_per_rep=1)]
+    else:
+        reps, warmup, cases = args.reps, args.warmup, list(CASES)
 
     torch.set_num_threads(args.threads)
     unavailable = torchao_unavailable_reason()
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, W{WEIGHT_BITS}A{ACTIVATION_BITS}, "
         f"per_group size {GROUP_SIZE}, {reps} reps x median, {warmup} warm-up steps per variant"
     )
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(f"warning: load average {load:.1f} on {cores} cores; other processes share the CPU, timings are noisy")
     if unavailable:
         print(f"torchao unavailable ({unavailable}): its column is n/a")
     else:

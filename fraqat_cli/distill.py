@@ -67,7 +67,8 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         losses = self.distillation_loss(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["latents"]))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["latents"]),
+                      sync_dist=self.trainer.world_size > 1)
         return losses["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

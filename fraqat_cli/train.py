@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -17,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.cache import atomic_write
+from fraqat_cli.cli import run_reporting_errors
 from fraqat_cli.sweep import METRICS_FILE
 
 
@@ -141,11 +141,6 @@ def make_logger(cfg: DictConfig, run_dir: Path):
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from fraqat_cli.models import ModelLoadError
-
-    try:
-        metrics = train(cfg)
-    except (ValueError, FileNotFoundError, ModelLoadError) as error:
-        print(f"fraqat-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
+    metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
+        print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))

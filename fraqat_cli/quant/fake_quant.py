@@ -1,13 +1,17 @@
 """How to fake-quantize: the FraQAT quantizer as one pure function.
 
 Symmetric (narrow) range, after the paper:
-    codes = R(x / max|x| * (2^(b-1) - 1)) clamped to the integers in [-2^(b-1), 2^(b-1) - 1]
+    codes = R(x / max|x| * (2^(b-1) - 1)) clamped to [R(-(2^(b-1) - 1)), R(2^(b-1) - 1)]
     out   = codes * max|x| / (2^(b-1) - 1)
 Asymmetric (wide) range:
-    codes = R((x - min) / (max - min) * 2^b) clamped to the integers in [0, 2^b - 1]
+    codes = R((x - min) / (max - min) * 2^b) clamped to the integers in [0, 2^b)
     out   = codes * (max - min) / 2^b + min
 `b` may be fractional: the codes stay integers and the scale shrinks smoothly
-(at b = 5.5 with floor rounding the symmetric codes span [-22, 21]).
+(at b = 5.5 the symmetric codes span [-22, 21] with floor rounding, the paper's
+example, and [-22, 22] with round-to-nearest). The clamp bounds are the codes of
+the range's own extremes, so a fractional level count never clips the top of
+the range; at integer b they are the paper's [-(2^(b-1) - 1), 2^(b-1) - 1] and
+[0, 2^b - 1].
 Dividing by the range before multiplying by the level count keeps the extreme
 values exactly on a code: x / max|x| is exactly +-1 there, which floor rounding
 would otherwise turn into the code below.
@@ -26,12 +30,17 @@ from fraqat_cli.quant.ste import StraightThrough
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def code_range(bits: float, symmetric: bool) -> tuple[int, int]:
-    """Integer codes a `bits`-bit quantizer may emit, as (lowest, highest)."""
+def code_range(bits: float, symmetric: bool, rounding: str = "floor") -> tuple[int, int]:
+    """Integer codes a `bits`-bit quantizer may emit, as (lowest, highest).
+
+    Symmetric: the codes of -max|x| and +max|x|. Asymmetric: every integer below
+    2^b (the paper's 2^b - 1 at integer b), so max(x) is clipped by at most one step.
+    """
     if symmetric:
-        half = 2.0 ** (bits - 1)
-        return -math.floor(half), math.floor(half - 1)
-    return 0, math.floor(2.0**bits - 1)
+        levels = 2.0 ** (bits - 1) - 1
+        round_ = math.floor if rounding == "floor" else round
+        return round_(-levels), round_(levels)
+    return 0, math.ceil(2.0**bits) - 1
 
 
 def _grouped_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -64,7 +73,7 @@ def _quantize_view(
     one full-size allocation; every later pass works in place on it. max|x| comes
     from amax and amin rather than abs(), which would allocate another copy.
     """
-    lo_code, hi_code = code_range(bits, spec.symmetric)
+    lo_code, hi_code = code_range(bits, spec.symmetric, spec.rounding)
     if spec.symmetric:
         levels = 2.0 ** (bits - 1) - 1
         if value_range is None:

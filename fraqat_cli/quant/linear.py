@@ -26,18 +26,16 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.clip_gradient = clip_gradient
-        bits = validate_bits(bits)
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.float32))
-        self._bits = bits
+        self.register_buffer("bits", torch.tensor(validate_bits(bits), dtype=torch.float32))
+        self._bits = float(self.bits)  # the stored (float32) value, so a reloaded layer computes the same
 
     @property
     def current_bits(self) -> float:
         return self._bits
 
     def set_bits(self, bits: float | None) -> None:
-        bits = validate_bits(bits)
-        self.bits.fill_(bits)
-        self._bits = bits
+        self.bits.fill_(validate_bits(bits))
+        self._bits = float(self.bits)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -134,7 +132,8 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_quantizer = FakeQuantizer(weight_spec or QuantSpec(), weight_bits)
         self.input_quantizer = ActivationQuantizer(
-            activation_spec or QuantSpec(granularity="per_tensor"), activation_bits, static=static_activations
+            activation_spec or QuantSpec(granularity="per_tensor", rounding="nearest"), activation_bits,
+            static=static_activations,
         )
 
     @classmethod

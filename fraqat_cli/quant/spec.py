@@ -30,10 +30,12 @@ def validate_bits(bits: float | None) -> float:
     """
     if bits is None:
         return PASS_THROUGH_BITS
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+    if isinstance(bits, (bool, str, bytes)) or not isinstance(bits, (int, float)):
         try:
+            if isinstance(bits, (bool, str, bytes)):
+                raise TypeError
             bits = float(bits)  # numpy scalars, 0-d tensors
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise ValueError(
                 f"bits must be a number in [{MIN_BITS:g}, {MAX_BITS:g}], or >= {PASS_THROUGH_BITS:g} "
                 f"or None for full precision; got {bits!r}"

@@ -22,7 +22,8 @@ class QuantConfig:
 
     weight: QuantSpec = field(default_factory=QuantSpec)
     weight_bits: float | None = 8
-    activation: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="per_tensor"))
+    # 8-bit activation codes are rounded to nearest, the usual choice (the paper is silent).
+    activation: QuantSpec = field(default_factory=lambda: QuantSpec(granularity="per_tensor", rounding="nearest"))
     activation_bits: float | None = 8
     static_activations: bool = False
     include: tuple[str, ...] = DEFAULT_INCLUDE
@@ -82,6 +83,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
     for kind in ("include", "exclude"):
         for pattern in getattr(config, kind):
             if not any(fnmatchcase(name, pattern) for name in linears):
+                if any(isinstance(m, QuantLinear) for m in model.modules()):
+                    raise ValueError(
+                        f"{kind} pattern {pattern!r} matches no unquantized linear layer: "
+                        f"{type(model).__name__} was already quantized; quantize a fresh copy instead"
+                    )
                 examples = ", ".join(list(linears)[:5]) or "none"
                 raise ValueError(
                     f"{kind} pattern {pattern!r} matches no linear layer of {type(model).__name__}; "
@@ -93,6 +99,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
             f"include={list(config.include)} exclude={list(config.exclude)} leave no layer of "
             f"{type(model).__name__} to quantize"
         )
+    if config.weight.granularity == "per_group":
+        uneven = {name: linears[name].in_features for name in chosen if linears[name].in_features % config.weight.group_size}
+        if uneven:
+            name, width = next(iter(uneven.items()))
+            raise ValueError(
+                f"group_size={config.weight.group_size} does not divide the input width {width} of {name} "
+                f"({len(uneven)} layer(s) affected); allowed: a divisor of every quantized layer's input width"
+            )
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,0 +1,43 @@
+"""Helpers for the training tests: run the real `fraqat-train` entry point, compose the real config."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FAST = [
+    "trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
+    "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2",
+]
+
+
+def cli_env(cache_dir: Path) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", FRAQAT_CACHE=str(cache_dir))
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def train_command() -> list[str]:
+    """The installed console script, beside this interpreter (DDP workers re-launch it)."""
+    return [str(Path(sys.executable).parent / "fraqat-train")]
+
+
+def fraqat_train(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `fraqat-train ARGS` as a user would (the installed console script's module)."""
+    return subprocess.run([*train_command(), *args], cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    """Rows of every CSV log version of a run, in order."""
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def bits_by_step(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/weight_bits"]) for r in logged_rows(run_dir) if r.get("train/weight_bits")}
