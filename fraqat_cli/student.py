@@ -20,7 +20,9 @@ def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, model_cfg: Dict
     quantizes (`fp`) also leaves activations in full precision: the reference
     student is the teacher itself, trained.
     """
-    student = copy.deepcopy(teacher).to(torch.float32).train()
+    student = copy.deepcopy(teacher).train()
+    if student.dtype != torch.float32:
+        student.to(torch.float32)
     student.requires_grad_(True)
     config = build_quant_config(
         quantizer_cfg,

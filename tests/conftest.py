@@ -1,5 +1,15 @@
+import os
+
 import pytest
 import torch
+
+# --- whole suite ----------------------------------------------------------------------------------------
+# The tiny models run fastest on one thread, and a second thread per process turns into a pile-up when
+# test processes share the 2 cores (a 1 s test took 60 s). Subprocesses inherit the variables.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(1)
 
 # --- quantization-core tests (test_fake_quant, test_quant_linear, test_swap, test_schedules) ---------------
 

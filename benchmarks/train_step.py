@@ -1,0 +1,181 @@
+"""Where a distillation step's time goes: teacher forward, student forward, backward (+ optimizer).
+
+Prints, from one run with the phases interleaved round-robin and medians taken:
+  teacher forward / whole distillation step     (target < 0.35)
+  whole distillation step / plain fp training step of the same model   (target <= 1.6)
+and the peak memory of each kind of step, each measured in a fresh process
+(on CPU, how much the steps raise `ru_maxrss` above the built models; on a GPU,
+`torch.cuda.max_memory_allocated`).
+
+    python benchmarks/train_step.py            # the "larger" Sana (~5 M parameters)
+    python benchmarks/train_step.py --smoke    # tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import SanaTransformer2DModel
+from omegaconf import OmegaConf
+
+from fraqat_cli.distill import DistillationModule
+from fraqat_cli.families import SanaFamily
+from fraqat_cli.noise import FlowMatchingNoise
+from fraqat_cli.student import build_student
+
+SIZES = {
+    # (transformer kwargs, batch, latent side, caption length)
+    "tiny": (dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_cross_attention_heads=2,
+                  cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=32), 4, 16, 16),
+    "larger": (dict(num_attention_heads=8, attention_head_dim=32, num_layers=6, num_cross_attention_heads=8,
+                    cross_attention_head_dim=32, cross_attention_dim=256, caption_channels=64), 8, 32, 32),
+}
+QUANTIZER = OmegaConf.create({"granularity": "per_channel", "group_size": None, "symmetric": True,
+                              "rounding": "floor", "activation_bits": 8})
+MODEL_CFG = OmegaConf.create({"quantize": {"include": ["*transformer_blocks.*"], "exclude": []}})
+
+
+def build(size: str, device: str):
+    kwargs, batch, side, length = SIZES[size]
+    torch.manual_seed(0)
+    teacher = SanaTransformer2DModel(in_channels=4, out_channels=4, sample_size=side, patch_size=2, **kwargs).to(device)
+    noise = FlowMatchingNoise().bind({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    student, _ = build_student(teacher, QUANTIZER, MODEL_CFG, start_bits=4)
+    module = DistillationModule(teacher, student, SanaFamily(), noise, lr=1e-5, trainable=["*"])
+    plain = copy.deepcopy(teacher).train().requires_grad_(True)  # the same transformer, no quantizers
+    g = torch.Generator().manual_seed(1)
+    data = {
+        "latents": torch.randn(batch, 4, side, side, generator=g),  # (B, C, H, W)
+        "prompt_embeds": torch.randn(batch, length, kwargs["caption_channels"], generator=g),  # (B, L, D)
+        "prompt_attention_mask": torch.ones(batch, length, dtype=torch.long),  # (B, L)
+    }
+    return module, plain, {k: v.to(device) for k, v in data.items()}
+
+
+def sync(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def distillation_phases(module, batch, optimizer, device) -> dict[str, float]:
+    """One distillation step, timed phase by phase (the same work as DistillationModule.distillation_loss)."""
+    family, latents = module.family, batch["latents"]
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+    noisy, timesteps = module.noise(latents, torch.randn_like(latents))
+    kwargs = family.transformer_kwargs(noisy, timesteps, cond)
+    t0 = sync(device)
+    with torch.no_grad():
+        target = module.teacher(**kwargs, return_dict=False)[0]
+    t1 = sync(device)
+    prediction = module.student(**kwargs, return_dict=False)[0]
+    loss = F.mse_loss(prediction.float(), target.float())
+    t2 = sync(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    t3 = sync(device)
+    return {"teacher_forward": t1 - t0, "student_forward": t2 - t1, "backward_and_step": t3 - t2, "step": t3 - t0}
+
+
+def plain_step(model, batch, optimizer, noise, family, device) -> float:
+    """A full-precision training step of the same transformer (denoising MSE against random targets)."""
+    latents = batch["latents"]
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+    noisy, timesteps = noise(latents, torch.randn_like(latents))
+    t0 = sync(device)
+    prediction = model(**family.transformer_kwargs(noisy, timesteps, cond), return_dict=False)[0]
+    loss = F.mse_loss(prediction.float(), latents.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return sync(device) - t0
+
+
+def peak_memory_mib(size: str, kind: str, device: str) -> float:
+    """Run a few steps of one kind in this (fresh) process; return the peak memory the steps added
+    on top of the built models (CPU: growth of the process's high-water mark)."""
+    module, plain, batch = build(size, device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if kind == "distill":
+        module.teacher.to(device)
+        module.student.to(device)
+        optimizer = module.configure_optimizers()
+        for _ in range(3):
+            distillation_phases(module, batch, optimizer, device)
+    else:
+        plain.to(device)
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+        for _ in range(3):
+            plain_step(plain, batch, optimizer, module.noise, module.family, device)
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def measure(size: str, reps: int, device: str) -> dict:
+    module, plain, batch = build(size, device)
+    module.student.to(device)
+    plain.to(device)
+    optimizer = module.configure_optimizers()
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+    for _ in range(2):  # warm-up
+        distillation_phases(module, batch, optimizer, device)
+        plain_step(plain, batch, plain_optimizer, module.noise, module.family, device)
+    phases, plains = [], []
+    for _ in range(reps):  # interleaved, so machine noise hits both alike
+        phases.append(distillation_phases(module, batch, optimizer, device))
+        plains.append(plain_step(plain, batch, plain_optimizer, module.noise, module.family, device))
+    median = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    median["plain_step"] = statistics.median(plains)
+    median["params"] = sum(p.numel() for p in plain.parameters())
+    return median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few repetitions")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--size", choices=sorted(SIZES), default="larger")
+    parser.add_argument("--memory-of", choices=["distill", "plain"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size, reps = ("tiny", 2) if args.smoke else (args.size, args.reps)
+    if args.memory_of:
+        print(json.dumps({"peak_mib": peak_memory_mib(size, args.memory_of, device)}))
+        return
+
+    m = measure(size, reps, device)
+    memory = {}
+    for kind in ("distill", "plain"):
+        out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-of", kind],
+                             capture_output=True, text=True, check=True)
+        memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    ms = {k: 1000 * v for k, v in m.items() if k != "params"}
+    teacher_share = m["teacher_forward"] / m["step"]
+    overhead = m["step"] / m["plain_step"]
+    print(f"Sana '{size}' ({m['params'] / 1e6:.2f} M params), device {device}, {torch.get_num_threads()} threads, "
+          f"median of {reps} interleaved steps")
+    print("| phase | ms |\n|---|---|")
+    for key in ("teacher_forward", "student_forward", "backward_and_step", "step", "plain_step"):
+        print(f"| {key} | {ms[key]:.1f} |")
+    label = "peak allocated" if device == "cuda" else "peak RSS added by the steps"
+    print(f"| {label}, distillation (MiB) | {memory['distill']:.0f} |")
+    print(f"| {label}, plain training (MiB) | {memory['plain']:.0f} |")
+    print()
+    print(f"teacher forward / whole step = {teacher_share:.3f}   (target < 0.35: {'met' if teacher_share < 0.35 else 'MISSED'})")
+    print(f"whole step / plain fp step   = {overhead:.3f}   (target <= 1.6: {'met' if overhead <= 1.6 else 'MISSED'})")
+    print(f"peak memory distill / plain  = {memory['distill'] / memory['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The distillation module in-process: what it trains, what it saves, and that it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fraqat_cli.distill import DistillationModule
+from fraqat_cli.models import load_pipeline
+from fraqat_cli.quant import QuantLinear, set_weight_bits
+from fraqat_cli.student import build_student
+
+QUANTIZER = OmegaConf.load("conf/quantizer/per_channel.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_sana():
+    model_cfg = OmegaConf.load("conf/model/tiny_sana.yaml")
+    pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
+    return model_cfg, pipe
+
+
+def make_module(model_cfg, pipe, **kwargs) -> DistillationModule:
+    student, _ = build_student(pipe.transformer, QUANTIZER, model_cfg, start_bits=4)
+    noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
+    return DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise, **kwargs)
+
+
+def fixed_batch(size: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(size, 4, 16, 16, generator=g),  # (B, C, H, W)
+        "prompt_embeds": torch.randn(size, 16, 32, generator=g),  # (B, L, D)
+        "prompt_attention_mask": torch.ones(size, 16, dtype=torch.long),  # (B, L)
+    }
+
+
+def loss_at_fixed_noise(module: DistillationModule, batch) -> float:
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return module.distillation_loss(batch)["loss"].item()
+
+
+def test_distillation_loss_falls_on_a_fixed_batch(tiny_sana):
+    module = make_module(*tiny_sana, lr=1e-4)
+    batch = fixed_batch()
+    before = loss_at_fixed_noise(module, batch)
+    optimizer = module.configure_optimizers()
+    for step in range(30):
+        torch.manual_seed(step)
+        optimizer.zero_grad()
+        module.distillation_loss(batch)["loss"].backward()
+        optimizer.step()
+    after = loss_at_fixed_noise(module, batch)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_student_starts_as_the_teacher_and_differs_only_by_quantization(tiny_sana):
+    model_cfg, pipe = tiny_sana
+    module = make_module(model_cfg, pipe)
+    set_weight_bits(module.student, None)
+    for layer in module.student.modules():
+        if isinstance(layer, QuantLinear):
+            layer.input_quantizer.set_bits(None)
+    assert loss_at_fixed_noise(module, fixed_batch()) == 0.0
+    set_weight_bits(module.student, 4)
+    assert loss_at_fixed_noise(module, fixed_batch()) > 0.0
+
+
+def test_only_the_student_is_trained_and_saved(tiny_sana):
+    model_cfg, pipe = tiny_sana
+    module = make_module(model_cfg, pipe)
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training
+    assert all(k.startswith("student.") for k in module.state_dict())
+    teacher_ids = {id(p) for p in module.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in module.student.parameters()}
+
+
+@pytest.mark.parametrize(
+    ("trainable", "expect_trained", "expect_frozen"),
+    [
+        ("all", "time_embed.linear.weight", None),
+        ("transformer_blocks", "transformer_blocks.0.attn1.to_q.weight", "time_embed.linear.weight"),
+        ("attention", "transformer_blocks.1.attn2.to_v.weight", "transformer_blocks.0.ff.conv_inverted.weight"),
+        ("feed_forward", "transformer_blocks.0.ff.conv_inverted.weight", "transformer_blocks.0.attn1.to_q.weight"),
+    ],
+)
+def test_selective_training_freezes_the_rest(tiny_sana, trainable, expect_trained, expect_frozen):
+    patterns = OmegaConf.load(f"conf/trainable/{trainable}.yaml").patterns
+    module = make_module(*tiny_sana, trainable=patterns)
+    params = dict(module.student.named_parameters())
+    assert params[expect_trained].requires_grad
+    if expect_frozen:
+        assert not params[expect_frozen].requires_grad
+    module.distillation_loss(fixed_batch())["loss"].backward()
+    assert params[expect_trained].grad is not None
+
+
+def test_trainable_pattern_matching_nothing_is_refused(tiny_sana):
+    with pytest.raises(ValueError, match=r"trainable patterns \['\*nothing\*'\] match no parameter"):
+        make_module(*tiny_sana, trainable=["*nothing*"])
+
+
+def test_feature_loss_adds_a_per_block_term(tiny_sana):
+    module = make_module(*tiny_sana, feature_loss_weight=0.5)
+    torch.manual_seed(0)
+    losses = module.distillation_loss(fixed_batch())
+    assert losses["feature_loss"] > 0
+    assert losses["loss"].item() == pytest.approx((losses["output_loss"] + 0.5 * losses["feature_loss"]).item())
