@@ -8,8 +8,6 @@ the result is cached on disk and served as (conditioning, latents) rows.
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from torch.utils.data import Dataset
 
 from fraqat_cli.cache import cached_tensors
 from fraqat_cli.models import model_identity
+from fraqat_cli.prompt_sets import coco_caption_pairs
 from fraqat_cli.prompts import offline_captions, read_prompt_file
 from fraqat_cli.sampling import generate
 
@@ -63,7 +62,7 @@ class CocoSource:
             raise FileNotFoundError(
                 f"COCO captions file {str(self.captions_file)!r} does not exist; download "
                 f"annotations_trainval2017.zip from https://cocodataset.org/#download and set "
-                f"data.captions_file to its annotations/captions_train2017.json"
+                f"data.captions_file to its annotations/captions_train2017.json (or captions_train2014.json)"
             )
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
@@ -100,24 +99,6 @@ class CocoSource:
             return {"latents": torch.cat(chunks)}
 
         return cached_tensors(cache_dir, "image-latents", parts, encode)["latents"]
-
-
-def coco_caption_pairs(captions_file: Path, count: int, seed: int) -> list[tuple[str, str]]:
-    """A seeded sample of `count` images from a COCO captions json, each with its first caption."""
-    try:
-        data = json.loads(Path(captions_file).read_text(encoding="utf-8"))
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        first = {}
-        for note in data["annotations"]:
-            first.setdefault(note["image_id"], note["caption"].strip())
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{str(captions_file)!r} is not a COCO captions file (needs 'images' with id/file_name and "
-            f"'annotations' with image_id/caption): {error}"
-        ) from error
-    ids = sorted(i for i in first if i in files)
-    random.Random(seed).shuffle(ids)
-    return [(files[i], first[i]) for i in ids[:count]]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

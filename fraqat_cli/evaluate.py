@@ -1,11 +1,106 @@
-"""`fraqat-eval`: FID and CLIP score of a quantized student against its teacher."""
+"""`fraqat-eval`: FID/KID and CLIP score of quantized students (and teachers), as a table and files.
+
+`evaluate(cfg)` does the work and returns one result dict per evaluated model;
+`main` is the thin Hydra entry point.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from fraqat_cli.cache import atomic_write
+from fraqat_cli.cli import run_reporting_errors
+
+CSV_COLUMNS = ("label", "model", "schedule", "granularity", "weight_bits", "fid", "kid", "clip_score", "reference",
+               "num_images", "seed", "checkpoint", "images_dir")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.reference not in ("teacher", "coco"):
+        raise ValueError(f"reference={cfg.reference!r} is not known; allowed: teacher, coco")
+    if cfg.reference == "coco" and not (cfg.reference_stats or cfg.reference_dir):
+        raise ValueError("reference=coco needs reference_stats=FILE.npz (scripts/coco_reference.py) or reference_dir=DIR")
+    if cfg.reference_dir and not Path(str(cfg.reference_dir)).expanduser().is_dir():
+        raise FileNotFoundError(f"reference_dir={cfg.reference_dir!r} is not a folder of reference images")
+    for name in ("batch_size", "grid_size"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise ValueError(f"{name} must be a positive integer; got {cfg[name]!r}")
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    import torch
+
+    from fraqat_cli.clip_score import load_clip
+    from fraqat_cli.comparison import comparison_table, write_comparison
+    from fraqat_cli.eval_targets import resolve_targets
+    from fraqat_cli.evaluation import Evaluator
+    from fraqat_cli.fid_features import fid_feature_extractor
+
+    # 1. Everything named must exist and agree before any generation starts.
+    check_settings(cfg)
+    targets = resolve_targets(cfg.ckpt, cfg.get("model"))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
+    clip, reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
+    if clip is None:
+        print(f"fraqat-eval: {reason}", file=sys.stderr)
+        clip = None
+    else:
+        clip = (clip[0].to(device), reason)  # (model, processor)
+    evaluator = Evaluator(cfg, device, extractor, extractor_name, clip)
+
+    # 2. Each target: images, metrics, files.
+    results = [evaluator.evaluate(target) for target in targets]
+    append_csv(Path(cfg.results_csv), results)
+    print("\n" + comparison_table(results))
+    for warning in evaluator.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sweeps = {t.sweep_dir for t in targets if t.sweep_dir}
+    for sweep in sweeps:
+        table, chart = write_comparison([r for r, t in zip(results, targets) if t.sweep_dir == sweep], sweep)
+        print(f"comparison: {table} and {chart}")
+    log_results(cfg, results)
+    return results
+
+
+def append_csv(path: Path, results: list[dict]) -> None:
+    """Add one row per result to the cross-run CSV (rewritten whole, atomically)."""
+    old = path.read_text() if path.is_file() else ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    if not old:
+        writer.writeheader()
+    writer.writerows(results)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(old + buffer.getvalue()))
+
+
+def log_results(cfg: DictConfig, results: list[dict]) -> None:
+    """Metrics and grids to the configured logger (wandb offline unless WANDB_MODE says otherwise)."""
+    if not cfg.logger:
+        return
+    import os
+
+    from hydra.utils import instantiate
+    from PIL import Image
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
+    for step, r in enumerate(results):
+        logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in ("fid", "kid", "clip_score") if k in r}, step=step)
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=f"eval/{r['label']}/grid", images=[Image.open(r["grid"])], step=step)
+    logger.finalize("success")
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    results = run_reporting_errors("fraqat-eval", lambda: evaluate(cfg))
+    print(json.dumps([{k: r[k] for k in ("label", "fid", "kid") if k in r} for r in results]))

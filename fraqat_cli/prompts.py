@@ -1,7 +1,9 @@
 """Prompt sets: the offline default (captions written from shape attributes) and plain text files.
 
 The offline captions need no download; the same list trains the tiny models'
-tokenizers, so every word of a prompt is in their vocabulary.
+tokenizers, so every word of a prompt is in their vocabulary. The attribute
+lists and the caption wording here are also what `fraqat_cli.shapes` draws and
+describes, so a prompt and a training image speak the same words.
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ SHAPES = ("circle", "square", "triangle", "star")
 PLACES = ("at the top left", "at the top right", "in the centre", "at the bottom left", "at the bottom right")
 
 
+def describe(size: str, colour: str, shape: str, place: str) -> str:
+    """One object in words: 'a small red circle at the top left'."""
+    return f"a {size} {colour} {shape} {place}"
+
+
+def caption(objects: list[tuple[str, str, str, str]], background: str) -> str:
+    """A scene in words, objects as (size, colour, shape, place):
+    'a small red circle at the top left and a large blue star in the centre on a green background'."""
+    return " and ".join(describe(*obj) for obj in objects) + f" on a {background} background"
+
+
 def offline_captions(count: int, seed: int = 0) -> list[str]:
     """`count` distinct-as-possible captions such as 'a small red circle at the top left on a blue background'."""
     if count < 1:
@@ -25,7 +38,7 @@ def offline_captions(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     rng.shuffle(combos)
     picked = [combos[i % len(combos)] for i in range(count)]
-    return [f"a {size} {colour} {shape} {place} on a {bg} background" for size, colour, shape, place, bg in picked]
+    return [caption([(size, colour, shape, place)], bg) for size, colour, shape, place, bg in picked]
 
 
 def tokenizer_corpus() -> list[str]:

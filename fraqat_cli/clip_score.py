@@ -1,0 +1,71 @@
+"""CLIP score (image-text agreement) with torchmetrics' `CLIPScore`, and CLIP features for CLIP-FID.
+
+transformers 5 returns a model output from `get_image_features`/`get_text_features`
+where torchmetrics 1.x expects a tensor; `PooledCLIP` bridges the two. No CLIP
+weights can be fetched offline: `load_clip` then returns None and says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPModel, CLIPProcessor
+
+
+class PooledCLIP(CLIPModel):
+    """A CLIPModel whose feature getters return the projected embeddings as plain tensors."""
+
+    def get_image_features(self, *args, **kwargs):
+        out = super().get_image_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        out = super().get_text_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_clip(name_or_path: str) -> tuple[PooledCLIP, CLIPProcessor] | tuple[None, str]:
+    """(model, processor) from a hub id or local folder, or (None, reason) when the weights are not here."""
+    local = Path(name_or_path).expanduser()
+    source = str(local) if local.is_dir() else name_or_path
+    try:
+        model = PooledCLIP.from_pretrained(source).eval()
+        processor = CLIPProcessor.from_pretrained(source)
+    except Exception as error:
+        return None, (f"no CLIP weights at {name_or_path!r} ({type(error).__name__}); CLIP score skipped. "
+                      f"Download e.g. openai/clip-vit-large-patch14 where you have network and set clip.model=DIR")
+    return model, processor
+
+
+@torch.no_grad()
+def clip_score(model: PooledCLIP, processor: CLIPProcessor, images: list, prompts: list[str],
+               batch_size: int = 16) -> float:
+    """Mean torchmetrics CLIPScore (100 x cosine, floored at 0) over image-prompt pairs."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    for start in range(0, len(images), batch_size):
+        batch = [torch.from_numpy(_as_array(im)).permute(2, 0, 1) for im in images[start:start + batch_size]]
+        metric.update(batch, prompts[start:start + batch_size])
+    return float(metric.compute())
+
+
+class CLIPImageFeatures(nn.Module):
+    """clean-fid feature extractor in CLIP's image space, for CLIP-FID."""
+
+    def __init__(self, model: PooledCLIP, processor: CLIPProcessor) -> None:
+        super().__init__()
+        self.model, self.processor = model, processor
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 255]
+        pixels = self.processor(images=[im for im in images.to(torch.uint8).cpu()], return_tensors="pt")
+        return self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.model.device))
+
+
+def _as_array(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,171 @@
+"""Evaluate one model: generate images for a seeded prompt set, then FID/KID and CLIP score.
+
+Images are written one file per prompt, atomically, so an interrupted eval
+resumes where it stopped. The teacher's images for a prompt set and sampler
+are generated once and cached; they are the paper's FID reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fraqat_cli.cache import atomic_write, cache_key
+from fraqat_cli.conditioning import prompt_conditioning, select
+from fraqat_cli.eval_targets import EvalTarget
+from fraqat_cli.metrics import fid_from_features, folder_features, kid_from_features, stability_warning
+from fraqat_cli.models import load_pipeline, model_identity
+from fraqat_cli.sampling import generate, image_grid
+from fraqat_cli.student import build_student
+
+IMAGE_NAME = "{:05d}.png"
+
+
+def image_files(folder: Path, count: int) -> list[Path]:
+    return [folder / IMAGE_NAME.format(i) for i in range(count)]
+
+
+def ensure_images(pipe, family, model_cfg, cond, negative, seeds: list[int], folder: Path, batch_size: int,
+                  what: str) -> list[Path]:
+    """Generate the images of `folder` that are not there yet; return every image path in prompt order."""
+    files = image_files(folder, len(seeds))
+    missing = [i for i, f in enumerate(files) if not f.is_file()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(missing), batch_size), desc=f"generating {what}", disable=not missing):
+        rows = missing[start:start + batch_size]
+        images = generate(pipe, family, model_cfg, select(cond, rows), negative, [seeds[i] for i in rows],
+                          batch_size=batch_size)
+        for i, image in zip(rows, images):
+            atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
+    return files
+
+
+def load_student(target: EvalTarget, teacher: torch.nn.Module) -> torch.nn.Module:
+    """Rebuild the quantized student from its checkpoint: same layers, weights and bit-widths."""
+    cfg = target.config
+    student, _ = build_student(teacher, cfg.quantizer, cfg.model, start_bits=target.weight_bits)
+    state = {k.removeprefix("student."): v for k, v in target.state["state_dict"].items() if k.startswith("student.")}
+    student.load_state_dict(state)
+    return student.eval().to(next(teacher.parameters()).dtype)
+
+
+class Evaluator:
+    """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, extractor, extractor_name: str, clip=None) -> None:
+        self.cfg, self.device = cfg, device
+        self.extractor, self.extractor_name, self.clip = extractor, extractor_name, clip
+        self.prompts = list(instantiate(cfg.prompts))
+        self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
+        self.warnings: list[str] = []
+
+    def features(self, folder: Path, files: list[Path]) -> "np.ndarray":  # noqa: F821
+        """Inception features of a folder's images, cached beside them per extractor."""
+        import numpy as np
+
+        cache = folder / f"features-{cache_key({'x': self.extractor_name, 'n': len(files)})}.npy"
+        if cache.is_file():
+            return np.load(cache)
+        features = folder_features(folder, self.extractor, self.device, self.cfg.fid.batch_size, verbose=True)
+        if len(features) != len(files):
+            raise ValueError(f"{folder} holds {len(features)} images, expected {len(files)}; remove stray files")
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, features)
+
+        atomic_write(cache, write)
+        return features
+
+    def evaluate(self, target: EvalTarget) -> dict:
+        cfg, model_cfg = self.cfg, target.config.model
+        started = time.time()
+        family = instantiate(model_cfg.family)
+        cond, negative = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir)
+        pipe = load_pipeline(model_cfg, without=family.text_parts).to(self.device)
+        sampler = {"sampler": OmegaConf.to_container(model_cfg.sampler), "seeds": self.seeds, "prompts": self.prompts}
+
+        # 1. The teacher's images: the paper's reference, generated once per model, prompts and sampler.
+        teacher_key = cache_key({"model": model_identity(model_cfg), **sampler})
+        teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / teacher_key
+        teacher_files = ensure_images(pipe, family, model_cfg, cond, negative, self.seeds, teacher_dir,
+                                      cfg.batch_size, "teacher images")
+
+        # 2. The evaluated model's images (the teacher's own, for a teacher target).
+        if target.is_teacher:
+            out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
+        else:
+            key = cache_key({"ckpt": str(target.checkpoint.resolve()), "step": target.state["global_step"],
+                             "model": model_identity(model_cfg), **sampler})
+            out_dir = target.checkpoint.parent.parent / "eval" / key
+            pipe.transformer = load_student(target, pipe.transformer).to(self.device)
+            files = ensure_images(pipe, family, model_cfg, cond, negative, self.seeds, out_dir / "images",
+                                  cfg.batch_size, f"{target.label} images")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = [Image.open(f).convert("RGB") for f in files]
+        grid = image_grid(images[: cfg.grid_size])
+        atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+        # 3. Metrics.
+        results = self.metrics(files, teacher_dir, teacher_files, images)
+        results.update({
+            "label": target.label, "model": model_cfg.name,
+            "schedule": None if target.is_teacher else target.config.schedule.name,
+            "granularity": None if target.is_teacher else target.config.quantizer.granularity,
+            "weight_bits": target.weight_bits, "checkpoint": str(target.checkpoint) if target.checkpoint else None,
+            "num_images": len(files), "seed": cfg.seed, "prompt_set": OmegaConf.to_container(cfg.prompts),
+            "images_dir": str(files[0].parent), "grid": str(out_dir / "grid.png"),
+            "seconds": round(time.time() - started, 1), "versions": package_versions(),
+        })
+        atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        return results
+
+    def metrics(self, files, teacher_dir, teacher_files, images) -> dict:
+        from fraqat_cli.metrics import load_reference_stats
+
+        cfg, results = self.cfg, {}
+        features = self.features(files[0].parent, files)
+        if cfg.reference == "teacher":
+            reference, count = self.features(teacher_dir, teacher_files), len(teacher_files)
+            results["fid"] = fid_from_features(features, reference)
+            results["kid"] = kid_from_features(features, reference)
+        elif cfg.reference_stats:
+            stats = load_reference_stats(cfg.reference_stats)
+            count = len(stats["features"])
+            results["fid"] = fid_from_features(features, (stats["mu"], stats["sigma"]))
+            results["kid"] = kid_from_features(features, stats["features"])
+        else:
+            reference_dir = Path(str(cfg.reference_dir)).expanduser()
+            reference_files = sorted(p for p in reference_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            reference, count = self.features(reference_dir, reference_files), len(reference_files)
+            results["fid"] = fid_from_features(features, reference)
+            results["kid"] = kid_from_features(features, reference)
+        results["reference"] = cfg.reference
+        results["fid_feature_extractor"] = self.extractor_name
+        for warning in filter(None, [stability_warning(len(files), "generated set"),
+                                     stability_warning(count, "reference set")]):
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        if self.clip is not None:
+            from fraqat_cli.clip_score import clip_score
+
+            results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
+        return results
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("fraqat-cli", "torch", "diffusers", "transformers", "clean-fid", "torchmetrics"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions

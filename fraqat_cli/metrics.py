@@ -1,0 +1,80 @@
+"""FID, KID and CLIP score, computed with clean-fid and torchmetrics.
+
+Features come from clean-fid's own folder pipeline ("clean" resizing), so our
+FID is clean-fid's FID; we only keep the features so that KID and stored
+reference statistics reuse them instead of running Inception again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fraqat_cli.cache import atomic_write
+
+# FID's covariance is 2048 x 2048: with fewer images than features it is singular and the
+# figure swings from one draw of images to the next.
+ADVISED_FID_IMAGES = 2048
+
+
+def folder_features(folder: str | Path, extractor, device: torch.device, batch_size: int = 32,
+                    verbose: bool = False) -> np.ndarray:
+    """(N, D) features of every image in `folder`, through clean-fid's "clean" pipeline."""
+    from cleanfid import fid
+
+    return fid.get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size, device=device,
+                                   mode="clean", verbose=verbose)
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def fid_from_features(features: np.ndarray, reference: np.ndarray | tuple) -> float:
+    """FID between features and reference features (or reference (mu, sigma))."""
+    from cleanfid import fid
+
+    mu, sigma = feature_stats(features)
+    ref_mu, ref_sigma = reference if isinstance(reference, tuple) else feature_stats(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's singular-matrix warnings; we warn once about the count instead
+        return float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+
+
+def kid_from_features(features: np.ndarray, reference: np.ndarray) -> float:
+    """KID (unbiased MMD with a cubic kernel), clean-fid's estimator."""
+    from cleanfid import fid
+
+    return float(fid.kernel_distance(features, reference, num_subsets=100, max_subset_size=1000))
+
+
+def save_reference_stats(path: str | Path, features: np.ndarray, meta: dict) -> None:
+    """Store mu, sigma and the features (for KID) in one .npz, atomically."""
+    mu, sigma = feature_stats(features)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, features=features, meta=np.array(repr(sorted(meta.items()))))
+
+    atomic_write(Path(path), write)
+
+
+def load_reference_stats(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference statistics {str(path)!r} do not exist; make them with "
+            f"`python scripts/coco_reference.py --images DIR --out {path}`"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def stability_warning(count: int, what: str) -> str | None:
+    if count >= ADVISED_FID_IMAGES:
+        return None
+    return (f"{what}: FID from {count} images is unstable (the 2048-d covariance is singular below "
+            f"{ADVISED_FID_IMAGES} images); at least {ADVISED_FID_IMAGES} are advised, 10k+ for published figures")

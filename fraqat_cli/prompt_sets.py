@@ -1,0 +1,56 @@
+"""Evaluation prompt sets (`conf/prompts/`): a fixed, seeded list of prompts, each with its own seed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from fraqat_cli.prompts import offline_captions, read_prompt_file
+
+
+def _count(count) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"prompts.count must be a positive integer; got {count!r}")
+    return count
+
+
+def offline_prompts(count: int = 64, seed: int = 0) -> list[str]:
+    """Captions written from shape attributes: needs no download."""
+    return offline_captions(_count(count), seed)
+
+
+def file_prompts(path: str, count: int | None = None) -> list[str]:
+    """The first `count` prompts of a text file, one per line."""
+    prompts = read_prompt_file(path)
+    return prompts[: _count(count)] if count is not None else prompts
+
+
+def coco_prompts(captions_file: str, count: int = 1000, seed: int = 0) -> list[str]:
+    """`count` COCO captions drawn with a fixed seed: one caption per image, images sampled without repeats."""
+    return [caption for _, caption in coco_caption_pairs(captions_file, _count(count), seed)]
+
+
+def coco_caption_pairs(captions_file, count: int, seed: int) -> list[tuple[str, str]]:
+    """A seeded sample of `count` images from a COCO captions json, each with its first caption."""
+    path = Path(captions_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"COCO captions file {str(path)!r} does not exist; download annotations_trainval2017.zip "
+            f"(or 2014) from https://cocodataset.org/#download and point at annotations/captions_val2017.json "
+            f"(captions_train2017.json for training)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        first = {}
+        for note in data["annotations"]:
+            first.setdefault(note["image_id"], note["caption"].strip())
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not a COCO captions file (needs 'images' with id/file_name and "
+            f"'annotations' with image_id/caption): {error}"
+        ) from error
+    ids = sorted(i for i in first if i in files)
+    random.Random(seed).shuffle(ids)
+    return [(files[i], first[i]) for i in ids[:count]]
