@@ -213,6 +213,13 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def warn_if_busy(when: str) -> None:
+    """Other processes on the cores make every variant slower, and not alike: say so beside the figures."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(f"warning: load average {load:.1f} on {cores} cores at the {when}; timings are noisy, rerun when idle")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="timed round-robin repetitions per model (default 15)")
@@ -233,15 +240,14 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, W{WEIGHT_BITS}A{ACTIVATION_BITS}, "
         f"per_group size {GROUP_SIZE}, {reps} reps x median, {warmup} warm-up steps per variant"
     )
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > cores:
-        print(f"warning: load average {load:.1f} on {cores} cores; other processes share the CPU, timings are noisy")
+    warn_if_busy("start")
     if unavailable:
         print(f"torchao unavailable ({unavailable}): its column is n/a")
     else:
         print("torchao activations: int8 asymmetric per_token (it has neither per_tensor nor symmetric per_token)")
     rows = [row for case in cases for row in bench_case(case, reps, warmup, with_torchao=unavailable is None)]
     print_table(rows)
+    warn_if_busy("end")
 
 
 if __name__ == "__main__":

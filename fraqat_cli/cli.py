@@ -10,6 +10,18 @@ from hydra.errors import InstantiationException
 EXIT_BAD_INPUT = 2
 
 
+def instantiate_or_raise(config, **kwargs):
+    """`hydra.utils.instantiate`, re-raising a bad value or a missing file as itself, not wrapped."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
+            raise error.__cause__ from None
+        raise
+
+
 def run_reporting_errors(program: str, work: Callable[[], object]):
     """Run `work`; a bad value, a missing file or an unloadable model exits with status 2 and its message."""
     from fraqat_cli.models import ModelLoadError

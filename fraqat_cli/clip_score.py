@@ -68,4 +68,4 @@ class CLIPImageFeatures(nn.Module):
 def _as_array(image):
     import numpy as np
 
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy

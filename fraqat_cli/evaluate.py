@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fraqat_cli.cache import atomic_write
-from fraqat_cli.cli import run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
 
 CSV_COLUMNS = ("label", "model", "schedule", "granularity", "weight_bits", "fid", "kid", "clip_score", "reference",
                "num_images", "seed", "checkpoint", "images_dir")
@@ -46,6 +46,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     # 1. Everything named must exist and agree before any generation starts.
     check_settings(cfg)
     targets = resolve_targets(cfg.ckpt, cfg.get("model"))
+    prompts = list(instantiate_or_raise(cfg.prompts))
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
@@ -55,7 +56,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         clip = None
     else:
         clip = (clip[0].to(device), reason)  # (model, processor)
-    evaluator = Evaluator(cfg, device, extractor, extractor_name, clip)
+    evaluator = Evaluator(cfg, prompts, device, extractor, extractor_name, clip)
 
     # 2. Each target: images, metrics, files.
     results = [evaluator.evaluate(target) for target in targets]

@@ -34,16 +34,22 @@ def image_files(folder: Path, count: int) -> list[Path]:
 
 def ensure_images(pipe, family, model_cfg, cond, negative, seeds: list[int], folder: Path, batch_size: int,
                   what: str) -> list[Path]:
-    """Generate the images of `folder` that are not there yet; return every image path in prompt order."""
+    """Generate the images of `folder` that are not there yet; return every image path in prompt order.
+
+    Batches always cover the same prompts ([k * batch_size, (k + 1) * batch_size)), so a resumed run
+    computes a missing image exactly as the interrupted one would have (bit-identical on CPU).
+    """
     files = image_files(folder, len(seeds))
-    missing = [i for i, f in enumerate(files) if not f.is_file()]
+    chunks = [range(s, min(s + batch_size, len(seeds))) for s in range(0, len(seeds), batch_size)]
+    todo = [chunk for chunk in chunks if not all(files[i].is_file() for i in chunk)]
     folder.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(missing), batch_size), desc=f"generating {what}", disable=not missing):
-        rows = missing[start:start + batch_size]
+    for chunk in tqdm(todo, desc=f"generating {what}", disable=not todo):
+        rows = list(chunk)
         images = generate(pipe, family, model_cfg, select(cond, rows), negative, [seeds[i] for i in rows],
                           batch_size=batch_size)
         for i, image in zip(rows, images):
-            atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
+            if not files[i].is_file():
+                atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
     return files
 
 
@@ -59,10 +65,11 @@ def load_student(target: EvalTarget, teacher: torch.nn.Module) -> torch.nn.Modul
 class Evaluator:
     """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings."""
 
-    def __init__(self, cfg: DictConfig, device: torch.device, extractor, extractor_name: str, clip=None) -> None:
+    def __init__(self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str,
+                 clip=None) -> None:
         self.cfg, self.device = cfg, device
         self.extractor, self.extractor_name, self.clip = extractor, extractor_name, clip
-        self.prompts = list(instantiate(cfg.prompts))
+        self.prompts = prompts
         self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
         self.warnings: list[str] = []
 

@@ -80,17 +80,18 @@ def split_of(text: str) -> str:
     return "val" if digest % VAL_EVERY == 0 else "train"
 
 
-def _random_object(rng: random.Random, taken: list[ShapeObject]) -> ShapeObject | None:
-    obj = ShapeObject(
+def _random_object(rng: random.Random) -> ShapeObject:
+    return ShapeObject(
         rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(PLACES),
         dx=rng.uniform(-1, 1), dy=rng.uniform(-1, 1), scale=rng.uniform(0.9, 1.1),
     )
-    for other in taken:  # a second shape must not touch the first (nor share its place or colour)
-        (x0, y0), (x1, y1) = obj.centre, other.centre
-        apart = ((x0 - x1) ** 2 + (y0 - y1) ** 2) ** 0.5 > 1.2 * (obj.radius + other.radius)
-        if obj.place == other.place or obj.colour == other.colour or not apart:
-            return None
-    return obj
+
+
+def _apart(a: ShapeObject, b: ShapeObject) -> bool:
+    """Two shapes neither touch nor share a place or colour (a star reaches 1.15 radii out)."""
+    (xa, ya), (xb, yb) = a.centre, b.centre
+    distance = ((xa - xb) ** 2 + (ya - yb) ** 2) ** 0.5
+    return a.place != b.place and a.colour != b.colour and distance > 1.15 * (a.radius + b.radius)
 
 
 def sample_scenes(split: str, count: int, seed: int = 0, two_shape_share: float = 0.0) -> list[Scene]:
@@ -104,12 +105,11 @@ def sample_scenes(split: str, count: int, seed: int = 0, two_shape_share: float 
     rng = random.Random(f"shapes-{seed}-{split}")  # a string seed is hashed stably by `random`
     scenes = []
     while len(scenes) < count:
-        objects: list[ShapeObject] = []
-        wanted = 2 if rng.random() < two_shape_share else 1
-        while len(objects) < wanted:
-            obj = _random_object(rng, objects)
-            if obj is not None:
-                objects.append(obj)
+        objects = [_random_object(rng)]
+        if rng.random() < two_shape_share:
+            objects.append(_random_object(rng))
+            if not _apart(*objects):
+                continue  # draw the pair again: some first shapes (e.g. one in the centre) fit no second
         background = rng.choice([c for c in COLOURS if c not in {o.colour for o in objects}])
         scene = Scene(tuple(objects), background, rng.choice(TEXTURES), rng.randrange(2**31))
         if split_of(scene.caption) == split:

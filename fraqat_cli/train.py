@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.cache import atomic_write
-from fraqat_cli.cli import run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
 from fraqat_cli.sweep import METRICS_FILE
 
 
@@ -65,8 +65,8 @@ def train(cfg: DictConfig) -> dict:
 
     # 1. Everything that can be wrong with the config fails here, before a model is built.
     check_numbers(cfg)
-    schedule = instantiate(cfg.schedule)
-    source = instantiate(cfg.data)
+    schedule = instantiate_or_raise(cfg.schedule)
+    source = instantiate_or_raise(cfg.data)
     family = instantiate(cfg.model.family)
     noise = instantiate(cfg.model.noise)
     run_dir = output_dir()

@@ -1,0 +1,161 @@
+"""`fraqat-eval` end to end on tiny students, and its answers to bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from PIL import Image
+from train_support import FAST, cli_env, fraqat_train
+
+from fraqat_cli.conditioning import prompt_conditioning
+from fraqat_cli.evaluate import evaluate
+from fraqat_cli.families import SanaFamily
+from fraqat_cli.models import load_pipeline
+from fraqat_cli.sampling import generate
+
+EVAL_FAST = ["prompts.count=6", "logger=csv", "batch_size=6", "clip.model=null"]
+
+
+def fraqat_eval(args, cwd, cache_dir):
+    command = [os.path.join(os.path.dirname(sys.executable), "fraqat-eval"), *args]
+    return subprocess.run(command, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
+    """A 2-job sweep (fractional and standard QAT) of tiny Sana students."""
+    work = tmp_path_factory.mktemp("sweep")
+    result = fraqat_train(["--multirun", "schedule=fractional,standard", *FAST, f"hydra.sweep.dir={work}/sweep"],
+                          cwd=work, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "sweep"
+
+
+@pytest.fixture(scope="module")
+def evaluated(sweep, cache_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval")
+    result = fraqat_eval([f"ckpt={sweep}", *EVAL_FAST, f"results_csv={work}/results.csv",
+                          f"hydra.run.dir={work}/out"], cwd=work, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def job_results(sweep):
+    return {p.parent.parent.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/eval/*/results.json")}
+
+
+@pytest.mark.slow
+def test_sweep_eval_writes_images_grid_and_results_per_job(sweep, evaluated):
+    results = job_results(sweep)
+    assert len(results) == 2
+    for r in results.values():
+        images = sorted(os.listdir(r["images_dir"]))
+        assert [name for name in images if name.endswith(".png")] == [f"{i:05d}.png" for i in range(6)]
+        assert Image.open(r["grid"]).size == (4 * 32, 2 * 32)
+        assert r["fid"] >= 0 and r["num_images"] == 6 and r["weight_bits"] == 4.0
+        assert r["reference"] == "teacher" and "inception" in r["fid_feature_extractor"]
+        assert r["versions"]["torch"]
+    assert {r["schedule"] for r in results.values()} == {"fractional", "standard"}
+
+
+@pytest.mark.slow
+def test_sweep_eval_writes_a_comparison_and_a_csv_row_per_model(sweep, evaluated):
+    work, result = evaluated
+    table = (sweep / "comparison.md").read_text()
+    assert "| fractional | per_tensor |" in table and "| standard | per_tensor |" in table
+    fid = {r["schedule"]: r["fid"] for r in job_results(sweep).values()}
+    assert f"{(fid['fractional'] - fid['standard']) / fid['standard']:+.1%}" in table
+    assert Image.open(sweep / "comparison.png").size[0] > 100
+    with open(work / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert "FID from 6 images is unstable" in result.stderr and "at least 2048" in result.stderr
+
+
+@pytest.mark.slow
+def test_interrupted_eval_reuses_the_images_already_generated(sweep, evaluated, cache_dir):
+    work, _ = evaluated
+    before = job_results(sweep)
+    images_dir = next(iter(before.values()))["images_dir"]
+    kept = {name: os.stat(os.path.join(images_dir, name)).st_mtime_ns for name in ("00000.png", "00001.png")}
+    pixels = np.asarray(Image.open(os.path.join(images_dir, "00003.png")))
+    for name in ("00003.png", "00004.png"):
+        os.remove(os.path.join(images_dir, name))
+    for stale in os.listdir(images_dir):
+        if stale.endswith(".npy"):
+            os.remove(os.path.join(images_dir, stale))
+    result = fraqat_eval([f"ckpt={sweep}", *EVAL_FAST, f"results_csv={work}/results.csv",
+                          f"hydra.run.dir={work}/out2"], cwd=work, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {n: os.stat(os.path.join(images_dir, n)).st_mtime_ns for n in kept} == kept
+    assert np.array_equal(np.asarray(Image.open(os.path.join(images_dir, "00003.png"))), pixels)
+    after = job_results(sweep)
+    assert {k: v["fid"] for k, v in after.items()} == {k: v["fid"] for k, v in before.items()}
+
+
+def test_same_seed_same_images_and_different_seeds_different_images(tmp_path):
+    model_cfg = OmegaConf.load("conf/model/tiny_sana.yaml")
+    prompts = ["a small red circle at the top left on a blue background"] * 2
+    cond, negative = prompt_conditioning(model_cfg, prompts, str(tmp_path))
+    pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
+    first = generate(pipe, SanaFamily(), model_cfg, cond, negative, [5, 6])
+    again = generate(pipe, SanaFamily(), model_cfg, cond, negative, [5, 6])
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert np.array_equal(np.asarray(first[1]), np.asarray(again[1]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), "same prompt, different seeds"
+
+
+def compose_eval(*overrides):
+    with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["ckpt=/nowhere/last.ckpt"], FileNotFoundError, "holds no checkpoint"),
+        (["ckpt=teacher"], ValueError, "also give model=NAME"),
+        (["ckpt=teacher", "model=tiny_sana", "prompts=coco", "prompts.captions_file=/nowhere/captions_val2017.json"],
+         FileNotFoundError, "captions_val2017.json.*does not exist.*cocodataset.org"),
+        (["ckpt=teacher", "model=tiny_sana", "reference=coco", "reference_dir=/nowhere"], FileNotFoundError,
+         "reference_dir='/nowhere' is not a folder"),
+        (["ckpt=teacher", "model=tiny_sana", "reference=imagenet"], ValueError, "allowed: teacher, coco"),
+    ],
+    ids=["missing-ckpt", "teacher-without-model", "missing-captions", "missing-reference-dir", "unknown-reference"],
+)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, error, message):
+    cfg = compose_eval(*overrides, f"out_dir={tmp_path}/out", f"results_csv={tmp_path}/results.csv",
+                       f"cache_dir={tmp_path}/cache", "clip.model=null", "logger=none")
+    with pytest.raises(error, match=message):
+        evaluate(cfg)
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "cache").exists()
+
+
+def test_corrupt_checkpoint_exits_non_zero_with_a_clear_message(tmp_path):
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint at all")
+    result = fraqat_eval([f"ckpt={tmp_path}/bad.ckpt", *EVAL_FAST, f"results_csv={tmp_path}/results.csv"],
+                         cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert result.returncode == 2
+    assert "cannot be read as a fraqat checkpoint" in result.stderr
+    assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(sweep, tmp_path):
+    checkpoint = next(sweep.glob("*/checkpoints/last.ckpt"))
+    cfg = compose_eval(f"ckpt={checkpoint}", "model=tiny_pixart", f"out_dir={tmp_path}/out",
+                       f"results_csv={tmp_path}/results.csv", "clip.model=null", "logger=none")
+    with pytest.raises(ValueError, match="student of model 'tiny_sana', not of model='tiny_pixart'"):
+        evaluate(cfg)
