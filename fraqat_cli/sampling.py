@@ -16,6 +16,9 @@ def generate(pipe, family, model_cfg: DictConfig, cond: dict, negative: dict, se
     Row i is drawn from `torch.Generator().manual_seed(seeds[i])`, so a prompt's
     image does not depend on its batch neighbours.
     """
+    rows = len(next(iter(cond.values())))
+    if rows != len(seeds):
+        raise ValueError(f"generate: {rows} conditioning rows but {len(seeds)} seeds; give one seed per row")
     resolution = resolution or model_cfg.resolution
     sampler = model_cfg.sampler
     outputs = []

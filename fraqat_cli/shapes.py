@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -211,3 +211,22 @@ def dominant_colour(image: np.ndarray, background: str) -> str | None:
         return None
     values, counts = np.unique(names, return_counts=True)
     return str(values[counts.argmax()])
+
+
+def closest_value(image: np.ndarray, scene: Scene, attribute: str) -> str:
+    """The value of the first shape's `attribute` ("colour", "shape", "place" or "size") whose rendering lies
+    nearest `image` (uint8 (32, 32, 3), mean squared error), all else as in `scene`.
+
+    Checks a generated image against its caption with no classifier to train: a right
+    answer means the image looks more like its caption than like any one-word change of it.
+    """
+    options = {"colour": [c for c in COLOURS if c != scene.background], "shape": list(SHAPES),
+               "place": list(PLACES), "size": list(SIZES)}
+    if attribute not in options:
+        raise ValueError(f"attribute must be one of {sorted(options)}; got {attribute!r}")
+    first = replace(scene.objects[0], dx=0.0, dy=0.0, scale=1.0)
+    plain = replace(scene, texture="plain")
+    target = image.astype(np.float32)
+    errors = [((render(replace(plain, objects=(replace(first, **{attribute: value}),))) - target) ** 2).mean()
+              for value in options[attribute]]
+    return options[attribute][int(np.argmin(errors))]
