@@ -60,7 +60,9 @@ def main() -> None:
         print(f"device {device}, {torch.get_num_threads()} threads, {count} images per set, extractor: {name}")
         print("| stage | images/s |\n|---|---|")
         for model in ("tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"):
-            print(f"| generation {model} (32 px, 4 steps) | {generation_rate(model, count, root / model, scratch):.1f} |")
+            print(
+                f"| generation {model} (32 px, 4 steps) | {generation_rate(model, count, root / model, scratch):.1f} |"
+            )
         a, b = root / "tiny_sana", root / "tiny_flux"
         start = time.perf_counter()
         folder_features(a, extractor, device)
@@ -72,13 +74,23 @@ def main() -> None:
             ours_fid = fid_from_features(folder_features(a, extractor, device), folder_features(b, extractor, device))
             ours.append(time.perf_counter() - start)
             start = time.perf_counter()
-            theirs_fid = fid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=extractor, device=device,
-                                         num_workers=0, batch_size=32, verbose=False)
+            theirs_fid = fid.compute_fid(
+                str(a),
+                str(b),
+                mode="clean",
+                custom_feat_extractor=extractor,
+                device=device,
+                num_workers=0,
+                batch_size=32,
+                verbose=False,
+            )
             theirs.append(time.perf_counter() - start)
     ratio = statistics.median(ours) / statistics.median(theirs)
     print(f"\nFID ours {ours_fid:.4f} vs clean-fid {theirs_fid:.4f} (same folders, same extractor)")
-    print(f"time ours / clean-fid compute_fid = {ratio:.3f}  (median of {reps}; target <= 1.05: "
-          f"{'met' if ratio <= 1.05 else 'MISSED'})")
+    print(
+        f"time ours / clean-fid compute_fid = {ratio:.3f}  (median of {reps}; target <= 1.05: "
+        f"{'met' if ratio <= 1.05 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

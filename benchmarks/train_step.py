@@ -34,13 +34,38 @@ from fraqat_cli.student import build_student
 
 SIZES = {
     # (transformer kwargs, batch, latent side, caption length)
-    "tiny": (dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_cross_attention_heads=2,
-                  cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=32), 4, 16, 16),
-    "larger": (dict(num_attention_heads=8, attention_head_dim=32, num_layers=6, num_cross_attention_heads=8,
-                    cross_attention_head_dim=32, cross_attention_dim=256, caption_channels=64), 8, 32, 32),
+    "tiny": (
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=32,
+            num_layers=2,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=32,
+            cross_attention_dim=64,
+            caption_channels=32,
+        ),
+        4,
+        16,
+        16,
+    ),
+    "larger": (
+        dict(
+            num_attention_heads=8,
+            attention_head_dim=32,
+            num_layers=6,
+            num_cross_attention_heads=8,
+            cross_attention_head_dim=32,
+            cross_attention_dim=256,
+            caption_channels=64,
+        ),
+        8,
+        32,
+        32,
+    ),
 }
-QUANTIZER = OmegaConf.create({"granularity": "per_channel", "group_size": None, "symmetric": True,
-                              "rounding": "floor", "activation_bits": 8})
+QUANTIZER = OmegaConf.create(
+    {"granularity": "per_channel", "group_size": None, "symmetric": True, "rounding": "floor", "activation_bits": 8}
+)
 MODEL_CFG = OmegaConf.create({"quantize": {"include": ["*transformer_blocks.*"], "exclude": []}})
 
 
@@ -157,14 +182,17 @@ def main() -> None:
     m = measure(size, reps, device)
     memory = {}
     for kind in ("distill", "plain"):
-        out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-of", kind],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--size", size, "--memory-of", kind], capture_output=True, text=True, check=True
+        )
         memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     ms = {k: 1000 * v for k, v in m.items() if k != "params"}
     teacher_share = m["teacher_forward"] / m["step"]
     overhead = m["step"] / m["plain_step"]
-    print(f"Sana '{size}' ({m['params'] / 1e6:.2f} M params), device {device}, {torch.get_num_threads()} threads, "
-          f"median of {reps} interleaved steps")
+    print(
+        f"Sana '{size}' ({m['params'] / 1e6:.2f} M params), device {device}, {torch.get_num_threads()} threads, "
+        f"median of {reps} interleaved steps"
+    )
     print("| phase | ms |\n|---|---|")
     for key in ("teacher_forward", "student_forward", "backward_and_step", "step", "plain_step"):
         print(f"| {key} | {ms[key]:.1f} |")
@@ -172,7 +200,8 @@ def main() -> None:
     print(f"| {label}, distillation (MiB) | {memory['distill']:.0f} |")
     print(f"| {label}, plain training (MiB) | {memory['plain']:.0f} |")
     print()
-    print(f"teacher forward / whole step = {teacher_share:.3f}   (target < 0.35: {'met' if teacher_share < 0.35 else 'MISSED'})")
+    verdict = "met" if teacher_share < 0.35 else "MISSED"
+    print(f"teacher forward / whole step = {teacher_share:.3f}   (target < 0.35: {verdict})")
     print(f"whole step / plain fp step   = {overhead:.3f}   (target <= 1.6: {'met' if overhead <= 1.6 else 'MISSED'})")
     print(f"peak memory distill / plain  = {memory['distill'] / memory['plain']:.3f}")
 

@@ -49,5 +49,7 @@ def resume_path(resume, checkpoint_dir: Path) -> str | None:
         return str(last) if last.is_file() else None
     path = Path(str(resume)).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint file; allowed: null, auto, or a .ckpt path")
+        raise FileNotFoundError(
+            f"resume={str(resume)!r} is not a checkpoint file; allowed: null, auto, or a .ckpt path"
+        )
     return str(path)

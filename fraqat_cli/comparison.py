@@ -18,8 +18,13 @@ def comparison_table(results: list[dict]) -> str:
     """Markdown table, one row per evaluated model; `vs standard` is the relative FID gap to plain QAT
     at the same granularity (negative: closer to the teacher)."""
     baseline = {r["granularity"]: r["fid"] for r in results if r.get("schedule") == BASELINE}
-    lines = ["| model | schedule | granularity | bits | FID | KID | CLIP | FID vs standard |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")):
+    lines = [
+        "| model | schedule | granularity | bits | FID | KID | CLIP | FID vs standard |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")
+    ):
         base = baseline.get(r.get("granularity"))
         gap = f"{(r['fid'] - base) / base:+.1%}" if base and r.get("schedule") not in (None, BASELINE) else "-"
         lines.append(

@@ -31,8 +31,14 @@ def _positive_int(name: str, value) -> int:
 class PromptOnlySource:
     """Generated (or file) prompts; training latents sampled by the teacher for them."""
 
-    def __init__(self, num_prompts: int = 64, prompt_seed: int = 0, prompt_file: str | None = None,
-                 batch_size: int = 8, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        num_prompts: int = 64,
+        prompt_seed: int = 0,
+        prompt_file: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
         self.num_prompts = _positive_int("num_prompts", num_prompts)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.prompt_seed, self.prompt_file, self.num_workers = prompt_seed, prompt_file, num_workers
@@ -44,10 +50,17 @@ class PromptOnlySource:
 
     def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
         seeds = [seed + i for i in range(len(next(iter(cond.values()))))]
-        parts = {"model": model_identity(model_cfg), "cond": self.prompts(), "seeds": seeds,
-                 "sampler": str(model_cfg.sampler), "resolution": model_cfg.resolution}
+        parts = {
+            "model": model_identity(model_cfg),
+            "cond": self.prompts(),
+            "seeds": seeds,
+            "sampler": str(model_cfg.sampler),
+            "resolution": model_cfg.resolution,
+        }
         return cached_tensors(
-            cache_dir, "teacher-latents", parts,
+            cache_dir,
+            "teacher-latents",
+            parts,
             lambda: {"latents": generate(pipe, family, model_cfg, cond, negative, seeds, output_type="latent")},
         )["latents"]
 
@@ -55,8 +68,15 @@ class PromptOnlySource:
 class CocoSource:
     """COCO captions (one per image, images drawn with a fixed seed) and their VAE latents."""
 
-    def __init__(self, captions_file: str, images_dir: str, max_images: int = 10000, sample_seed: int = 0,
-                 batch_size: int = 8, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        captions_file: str,
+        images_dir: str,
+        max_images: int = 10000,
+        sample_seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
         self.captions_file, self.images_dir = Path(captions_file).expanduser(), Path(images_dir).expanduser()
         if not self.captions_file.is_file():
             raise FileNotFoundError(
@@ -85,15 +105,22 @@ class CocoSource:
 
     def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
         files = [name for name, _ in self.pairs()]
-        parts = {"model": model_identity(model_cfg), "images": str(self.images_dir), "files": files,
-                 "resolution": model_cfg.resolution}
+        parts = {
+            "model": model_identity(model_cfg),
+            "images": str(self.images_dir),
+            "files": files,
+            "resolution": model_cfg.resolution,
+        }
 
         def encode() -> dict:
             chunks = []
             for start in range(0, len(files), self.batch_size):
-                images = torch.stack([
-                    load_image(self.images_dir / name, model_cfg.resolution) for name in files[start:start + self.batch_size]
-                ])
+                images = torch.stack(
+                    [
+                        load_image(self.images_dir / name, model_cfg.resolution)
+                        for name in files[start : start + self.batch_size]
+                    ]
+                )
                 with torch.no_grad():
                     chunks.append(family.image_latents(pipe, images).float().cpu())
             return {"latents": torch.cat(chunks)}
@@ -107,8 +134,9 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
         raise FileNotFoundError(f"image {str(path)!r} named in the captions file is missing from the images folder")
     image = Image.open(path).convert("RGB")
     scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
-                         Image.BICUBIC)
+    image = image.resize(
+        (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC
+    )
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)

@@ -27,9 +27,21 @@ class DistillationModule(L.LightningModule):
     record: plain data stored in every checkpoint under "fraqat" (the resolved config).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, family, noise, *, lr: float = 1e-5,
-                 weight_decay: float = 0.0, betas=(0.9, 0.999), trainable=("*",), feature_loss_weight: float = 0.0,
-                 block_pattern: str = "*transformer_blocks.[0-9]*", record: dict | None = None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        family,
+        noise,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas=(0.9, 0.999),
+        trainable=("*",),
+        feature_loss_weight: float = 0.0,
+        block_pattern: str = "*transformer_blocks.[0-9]*",
+        record: dict | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module registration
@@ -53,13 +65,16 @@ class DistillationModule(L.LightningModule):
         teacher_dtype = next(self.teacher.parameters()).dtype
         teacher_cond = {k: v.to(teacher_dtype) if v.is_floating_point() else v for k, v in cond.items()}
         with torch.no_grad(), _block_outputs(self.teacher, self.block_pattern, self.feature_loss_weight > 0) as t_feats:
-            target = self.teacher(**self.family.transformer_kwargs(noisy.to(teacher_dtype), timesteps, teacher_cond),
-                                  return_dict=False)[0]
+            target = self.teacher(
+                **self.family.transformer_kwargs(noisy.to(teacher_dtype), timesteps, teacher_cond), return_dict=False
+            )[0]
         with _block_outputs(self.student, self.block_pattern, self.feature_loss_weight > 0) as s_feats:
             prediction = self.student(**self.family.transformer_kwargs(noisy, timesteps, cond), return_dict=False)[0]
         losses = {"output_loss": F.mse_loss(prediction.float(), target.float())}
         if self.feature_loss_weight > 0:
-            losses["feature_loss"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats)) / len(s_feats)
+            losses["feature_loss"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats)) / len(
+                s_feats
+            )
             losses["loss"] = losses["output_loss"] + self.feature_loss_weight * losses["feature_loss"]
         else:
             losses["loss"] = losses["output_loss"]
@@ -67,8 +82,12 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         losses = self.distillation_loss(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["latents"]),
-                      sync_dist=self.trainer.world_size > 1)
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()},
+            prog_bar=True,
+            batch_size=len(batch["latents"]),
+            sync_dist=self.trainer.world_size > 1,
+        )
         return losses["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -18,15 +18,30 @@ from omegaconf import DictConfig
 from fraqat_cli.cache import atomic_write
 from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
 
-CSV_COLUMNS = ("label", "model", "schedule", "granularity", "weight_bits", "fid", "kid", "clip_score", "reference",
-               "num_images", "seed", "checkpoint", "images_dir")
+CSV_COLUMNS = (
+    "label",
+    "model",
+    "schedule",
+    "granularity",
+    "weight_bits",
+    "fid",
+    "kid",
+    "clip_score",
+    "reference",
+    "num_images",
+    "seed",
+    "checkpoint",
+    "images_dir",
+)
 
 
 def check_settings(cfg: DictConfig) -> None:
     if cfg.reference not in ("teacher", "coco"):
         raise ValueError(f"reference={cfg.reference!r} is not known; allowed: teacher, coco")
     if cfg.reference == "coco" and not (cfg.reference_stats or cfg.reference_dir):
-        raise ValueError("reference=coco needs reference_stats=FILE.npz (scripts/coco_reference.py) or reference_dir=DIR")
+        raise ValueError(
+            "reference=coco needs reference_stats=FILE.npz (scripts/coco_reference.py) or reference_dir=DIR"
+        )
     if cfg.reference_dir and not Path(str(cfg.reference_dir)).expanduser().is_dir():
         raise FileNotFoundError(f"reference_dir={cfg.reference_dir!r} is not a folder of reference images")
     for name in ("batch_size", "grid_size"):
@@ -47,8 +62,11 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     check_settings(cfg)
     targets = resolve_targets(cfg.ckpt, cfg.get("model"))
     prompts = list(instantiate_or_raise(cfg.prompts))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
     clip, reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
     if clip is None:

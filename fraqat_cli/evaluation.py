@@ -32,8 +32,9 @@ def image_files(folder: Path, count: int) -> list[Path]:
     return [folder / IMAGE_NAME.format(i) for i in range(count)]
 
 
-def ensure_images(pipe, family, model_cfg, cond, negative, seeds: list[int], folder: Path, batch_size: int,
-                  what: str) -> list[Path]:
+def ensure_images(
+    pipe, family, model_cfg, cond, negative, seeds: list[int], folder: Path, batch_size: int, what: str
+) -> list[Path]:
     """Generate the images of `folder` that are not there yet; return every image path in prompt order.
 
     Batches always cover the same prompts ([k * batch_size, (k + 1) * batch_size)), so a resumed run
@@ -45,8 +46,9 @@ def ensure_images(pipe, family, model_cfg, cond, negative, seeds: list[int], fol
     folder.mkdir(parents=True, exist_ok=True)
     for chunk in tqdm(todo, desc=f"generating {what}", disable=not todo):
         rows = list(chunk)
-        images = generate(pipe, family, model_cfg, select(cond, rows), negative, [seeds[i] for i in rows],
-                          batch_size=batch_size)
+        images = generate(
+            pipe, family, model_cfg, select(cond, rows), negative, [seeds[i] for i in rows], batch_size=batch_size
+        )
         for i, image in zip(rows, images):
             if not files[i].is_file():
                 atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
@@ -65,15 +67,16 @@ def load_student(target: EvalTarget, teacher: torch.nn.Module) -> torch.nn.Modul
 class Evaluator:
     """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings."""
 
-    def __init__(self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str,
-                 clip=None) -> None:
+    def __init__(
+        self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str, clip=None
+    ) -> None:
         self.cfg, self.device = cfg, device
         self.extractor, self.extractor_name, self.clip = extractor, extractor_name, clip
         self.prompts = prompts
         self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
         self.warnings: list[str] = []
 
-    def features(self, folder: Path, files: list[Path]) -> "np.ndarray":  # noqa: F821
+    def features(self, folder: Path, files: list[Path]) -> np.ndarray:  # noqa: F821
         """Inception features of a folder's images, cached beside them per extractor."""
         import numpy as np
 
@@ -83,6 +86,7 @@ class Evaluator:
         features = folder_features(folder, self.extractor, self.device, self.cfg.fid.batch_size, verbose=True)
         if len(features) != len(files):
             raise ValueError(f"{folder} holds {len(features)} images, expected {len(files)}; remove stray files")
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, features)
@@ -101,19 +105,35 @@ class Evaluator:
         # 1. The teacher's images: the paper's reference, generated once per model, prompts and sampler.
         teacher_key = cache_key({"model": model_identity(model_cfg), **sampler})
         teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / teacher_key
-        teacher_files = ensure_images(pipe, family, model_cfg, cond, negative, self.seeds, teacher_dir,
-                                      cfg.batch_size, "teacher images")
+        teacher_files = ensure_images(
+            pipe, family, model_cfg, cond, negative, self.seeds, teacher_dir, cfg.batch_size, "teacher images"
+        )
 
         # 2. The evaluated model's images (the teacher's own, for a teacher target).
         if target.is_teacher:
             out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
         else:
-            key = cache_key({"ckpt": str(target.checkpoint.resolve()), "step": target.state["global_step"],
-                             "model": model_identity(model_cfg), **sampler})
+            key = cache_key(
+                {
+                    "ckpt": str(target.checkpoint.resolve()),
+                    "step": target.state["global_step"],
+                    "model": model_identity(model_cfg),
+                    **sampler,
+                }
+            )
             out_dir = target.checkpoint.parent.parent / "eval" / key
             pipe.transformer = load_student(target, pipe.transformer).to(self.device)
-            files = ensure_images(pipe, family, model_cfg, cond, negative, self.seeds, out_dir / "images",
-                                  cfg.batch_size, f"{target.label} images")
+            files = ensure_images(
+                pipe,
+                family,
+                model_cfg,
+                cond,
+                negative,
+                self.seeds,
+                out_dir / "images",
+                cfg.batch_size,
+                f"{target.label} images",
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         images = [Image.open(f).convert("RGB") for f in files]
         grid = image_grid(images[: cfg.grid_size])
@@ -121,15 +141,23 @@ class Evaluator:
 
         # 3. Metrics.
         results = self.metrics(files, teacher_dir, teacher_files, images)
-        results.update({
-            "label": target.label, "model": model_cfg.name,
-            "schedule": None if target.is_teacher else target.config.schedule.name,
-            "granularity": None if target.is_teacher else target.config.quantizer.granularity,
-            "weight_bits": target.weight_bits, "checkpoint": str(target.checkpoint) if target.checkpoint else None,
-            "num_images": len(files), "seed": cfg.seed, "prompt_set": OmegaConf.to_container(cfg.prompts),
-            "images_dir": str(files[0].parent), "grid": str(out_dir / "grid.png"),
-            "seconds": round(time.time() - started, 1), "versions": package_versions(),
-        })
+        results.update(
+            {
+                "label": target.label,
+                "model": model_cfg.name,
+                "schedule": None if target.is_teacher else target.config.schedule.name,
+                "granularity": None if target.is_teacher else target.config.quantizer.granularity,
+                "weight_bits": target.weight_bits,
+                "checkpoint": str(target.checkpoint) if target.checkpoint else None,
+                "num_images": len(files),
+                "seed": cfg.seed,
+                "prompt_set": OmegaConf.to_container(cfg.prompts),
+                "images_dir": str(files[0].parent),
+                "grid": str(out_dir / "grid.png"),
+                "seconds": round(time.time() - started, 1),
+                "versions": package_versions(),
+            }
+        )
         atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         return results
 
@@ -149,14 +177,17 @@ class Evaluator:
             results["kid"] = kid_from_features(features, stats["features"])
         else:
             reference_dir = Path(str(cfg.reference_dir)).expanduser()
-            reference_files = sorted(p for p in reference_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            reference_files = sorted(
+                p for p in reference_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+            )
             reference, count = self.features(reference_dir, reference_files), len(reference_files)
             results["fid"] = fid_from_features(features, reference)
             results["kid"] = kid_from_features(features, reference)
         results["reference"] = cfg.reference
         results["fid_feature_extractor"] = self.extractor_name
-        for warning in filter(None, [stability_warning(len(files), "generated set"),
-                                     stability_warning(count, "reference set")]):
+        for warning in filter(
+            None, [stability_warning(len(files), "generated set"), stability_warning(count, "reference set")]
+        ):
             if warning not in self.warnings:
                 self.warnings.append(warning)
         if self.clip is not None:

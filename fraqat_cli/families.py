@@ -36,8 +36,9 @@ class DiTFamily:
         kwargs = dict(cond)  # cached keys are named as the pipelines' own arguments
         if negative:
             kwargs["negative_prompt"] = None  # the embeddings below stand in for it
-            kwargs.update({"negative_" + k: v.expand(len(next(iter(cond.values()))), *v.shape[1:])
-                           for k, v in negative.items()})
+            kwargs.update(
+                {"negative_" + k: v.expand(len(next(iter(cond.values()))), *v.shape[1:]) for k, v in negative.items()}
+            )
         return kwargs
 
     def image_latents(self, pipe, images: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,11 @@ class DiTFamily:
 class SanaFamily(DiTFamily):
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-            complex_human_instruction=None, device=torch.device("cpu"),
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            complex_human_instruction=None,
+            device=torch.device("cpu"),
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
@@ -68,7 +72,9 @@ class SanaFamily(DiTFamily):
 class PixArtFamily(SanaFamily):
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
             device=torch.device("cpu"),
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
@@ -84,8 +90,12 @@ class SD3Family(DiTFamily):
 
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, prompts, do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length, device=torch.device("cpu"),
+            prompts,
+            prompts,
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            device=torch.device("cpu"),
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -112,7 +122,9 @@ class FluxFamily(DiTFamily):
     def transformer_kwargs(self, latents, timesteps, cond):
         batch, channels, height, width = latents.shape
         packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)  # (B, HW/4, 4C)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        image_ids = FluxPipeline._prepare_latent_image_ids(
+            batch, height // 2, width // 2, latents.device, latents.dtype
+        )
         text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
         return {
             "hidden_states": packed,

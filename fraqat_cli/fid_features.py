@@ -48,7 +48,8 @@ def fid_feature_extractor(device: torch.device, source: str = "auto") -> tuple[o
             return fid.build_feature_extractor("clean", device=device, use_dataparallel=False), "clean-fid inception"
         except Exception as error:  # no network: fall back to the shipped copy
             if source == "clean-fid":
-                raise ValueError(f"clean-fid's Inception could not be fetched ({error}); use fid.inception=shipped")
+                message = f"clean-fid's Inception could not be fetched ({error}); use fid.inception=shipped"
+                raise ValueError(message) from error
     path = shipped_inception_path()
     if path is None:
         raise FileNotFoundError(

@@ -39,7 +39,9 @@ def load_pipeline(model_cfg: DictConfig, without: tuple[str, ...] = ()):
     if model_cfg.get("components"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model_cfg.init_seed)
-            parts = {name: (None if name in skipped else instantiate(spec)) for name, spec in model_cfg.components.items()}
+            parts = {
+                name: (None if name in skipped else instantiate(spec)) for name, spec in model_cfg.components.items()
+            }
         pipe = pipeline_cls(**parts)
     else:
         pipe = _from_pretrained(pipeline_cls, model_cfg, dtype, skipped)
@@ -77,4 +79,6 @@ def model_identity(model_cfg: DictConfig) -> dict:
     from omegaconf import OmegaConf
 
     keys = ("name", "pipeline", "hub_id", "revision", "path", "dtype", "init_seed", "components", "max_sequence_length")
-    return {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k] for k in keys}
+    return {
+        k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k] for k in keys
+    }

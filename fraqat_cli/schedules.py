@@ -111,7 +111,8 @@ class SmoothSchedule:
         return max(self.end_bits, self.end_bits + (self.start_bits - self.end_bits) * weight)
 
     def __repr__(self) -> str:
-        return f"SmoothSchedule({self.name}: {self.shape} {self.start_bits:g} -> {self.end_bits:g}, hold {self.hold_share:g})"
+        decay = f"{self.shape} {self.start_bits:g} -> {self.end_bits:g}"
+        return f"SmoothSchedule({self.name}: {decay}, hold {self.hold_share:g})"
 
 
 def bits_trace(schedule, total_steps: int) -> list[float]:

@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 FAST = [
-    "trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
-    "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2",
+    "trainer.max_steps=4",
+    "data.num_prompts=8",
+    "data.batch_size=4",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "checkpoint_every_n_steps=2",
 ]
 
 
@@ -27,7 +31,9 @@ def train_command() -> list[str]:
 
 def fraqat_train(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `fraqat-train ARGS` as a user would (the installed console script's module)."""
-    return subprocess.run([*train_command(), *args], cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*train_command(), *args], cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def logged_rows(run_dir: Path) -> list[dict]:

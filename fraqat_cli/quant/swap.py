@@ -62,9 +62,7 @@ class QuantizationSummary:
 
 
 def _selected(name: str, config: QuantConfig) -> bool:
-    return any(fnmatchcase(name, p) for p in config.include) and not any(
-        fnmatchcase(name, p) for p in config.exclude
-    )
+    return any(fnmatchcase(name, p) for p in config.include) and not any(fnmatchcase(name, p) for p in config.exclude)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> QuantizationSummary:
@@ -100,7 +98,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
             f"{type(model).__name__} to quantize"
         )
     if config.weight.granularity == "per_group":
-        uneven = {name: linears[name].in_features for name in chosen if linears[name].in_features % config.weight.group_size}
+        uneven = {
+            name: linears[name].in_features for name in chosen if linears[name].in_features % config.weight.group_size
+        }
         if uneven:
             name, width = next(iter(uneven.items()))
             raise ValueError(
@@ -160,6 +160,12 @@ def set_activation_bits(model: nn.Module, bits: float | None) -> int:
 
 
 __all__ = [
-    "DEFAULT_INCLUDE", "PASS_THROUGH_BITS", "QuantConfig", "QuantizationSummary",
-    "quantize_model", "set_activation_bits", "set_weight_bits", "summarize",
+    "DEFAULT_INCLUDE",
+    "PASS_THROUGH_BITS",
+    "QuantConfig",
+    "QuantizationSummary",
+    "quantize_model",
+    "set_activation_bits",
+    "set_weight_bits",
+    "summarize",
 ]
