@@ -4,8 +4,8 @@ Prints, from one run with the phases interleaved round-robin and medians taken:
   teacher forward / whole distillation step     (target < 0.35)
   whole distillation step / plain fp training step of the same model   (target <= 1.6)
 and the peak memory of each kind of step, each measured in a fresh process
-(on CPU, how much the steps raise `ru_maxrss` above the built models; on a GPU,
-`torch.cuda.max_memory_allocated`).
+(on CPU, resident memory sampled every ms above its level before the steps; on a
+GPU, `torch.cuda.max_memory_allocated`).
 
     python benchmarks/train_step.py            # the "larger" Sana (~5 M parameters)
     python benchmarks/train_step.py --smoke    # tiny model, seconds
@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -126,25 +127,55 @@ def plain_step(model, batch, optimizer, noise, family, device) -> float:
     return sync(device) - t0
 
 
+class RssSampler:
+    """Sample this process's resident memory every millisecond; report the peak above the starting level."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def poll(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.001)
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+
 def peak_memory_mib(size: str, kind: str, device: str) -> float:
-    """Run a few steps of one kind in this (fresh) process; return the peak memory the steps added
-    on top of the built models (CPU: growth of the process's high-water mark)."""
+    """Run steps of one kind in this (fresh) process; return the peak memory the steps need on top of the
+    models and optimizer state (CPU: resident memory sampled every ms; GPU: max allocated)."""
     module, plain, batch = build(size, device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if kind == "distill":
         module.teacher.to(device)
         module.student.to(device)
         optimizer = module.configure_optimizers()
-        for _ in range(3):
-            distillation_phases(module, batch, optimizer, device)
+        step = lambda: distillation_phases(module, batch, optimizer, device)  # noqa: E731
     else:
         plain.to(device)
         optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
-        for _ in range(3):
-            plain_step(plain, batch, optimizer, module.noise, module.family, device)
+        step = lambda: plain_step(plain, batch, optimizer, module.noise, module.family, device)  # noqa: E731
+    step()  # creates the optimizer state
     if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    with RssSampler() as sampler:
+        for _ in range(3):
+            step()
+    return (sampler.peak - sampler.start) / 2**20
 
 
 def measure(size: str, reps: int, device: str) -> dict:
@@ -196,7 +227,7 @@ def main() -> None:
     print("| phase | ms |\n|---|---|")
     for key in ("teacher_forward", "student_forward", "backward_and_step", "step", "plain_step"):
         print(f"| {key} | {ms[key]:.1f} |")
-    label = "peak allocated" if device == "cuda" else "peak RSS added by the steps"
+    label = "peak allocated" if device == "cuda" else "peak memory of the steps, above models + optimizer"
     print(f"| {label}, distillation (MiB) | {memory['distill']:.0f} |")
     print(f"| {label}, plain training (MiB) | {memory['plain']:.0f} |")
     print()
