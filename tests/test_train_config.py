@@ -71,3 +71,37 @@ def test_real_model_without_network_says_how_to_use_local_weights(tmp_path, monk
     cfg = compose_train("model=sana", "logger=none", f"cache_dir={tmp_path}/cache")
     with pytest.raises(ModelLoadError, match="model.path=DIR"):
         train(cfg)
+
+
+def fake_coco(root: Path, count: int = 4) -> tuple[Path, Path]:
+    """A COCO-shaped captions file (two captions per image) and its images, of odd sizes."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    images_dir = root / "train2017"
+    images_dir.mkdir(parents=True)
+    images, notes = [], []
+    for i in range(count):
+        name = f"{i:012d}.jpg"
+        Image.fromarray((np.random.default_rng(i).random((40 + i, 56, 3)) * 255).astype("uint8")).save(images_dir / name)
+        images.append({"id": 100 + i, "file_name": name})
+        notes += [{"image_id": 100 + i, "caption": f"a small red circle number {i}"},
+                  {"image_id": 100 + i, "caption": "a second caption"}]
+    captions = root / "captions_train2017.json"
+    captions.write_text(json.dumps({"images": images, "annotations": notes}))
+    return captions, images_dir
+
+
+def test_coco_data_trains_from_captions_and_vae_latents(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    captions, images_dir = fake_coco(tmp_path)
+    cfg = compose_train("data=coco", f"data.captions_file={captions}", f"data.images_dir={images_dir}",
+                        "data.batch_size=2", "trainer.max_steps=2", "logger=none", "trainer.enable_progress_bar=false",
+                        "gradient_checkpointing=true", "sample_every_n_steps=1", "num_sample_images=2",
+                        f"cache_dir={tmp_path}/cache")
+    metrics = train(cfg)
+    assert metrics["steps"] == 2
+    assert len(list((tmp_path / "cache").glob("image-latents-*.safetensors"))) == 1
+    assert (tmp_path / "samples" / "step_000001.png").is_file()
