@@ -85,7 +85,8 @@ def fake_coco(root: Path, count: int = 4) -> tuple[Path, Path]:
     images, notes = [], []
     for i in range(count):
         name = f"{i:012d}.jpg"
-        Image.fromarray((np.random.default_rng(i).random((40 + i, 56, 3)) * 255).astype("uint8")).save(images_dir / name)
+        pixels = (np.random.default_rng(i).random((40 + i, 56, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(images_dir / name)
         images.append({"id": 100 + i, "file_name": name})
         notes += [{"image_id": 100 + i, "caption": f"a small red circle number {i}"},
                   {"image_id": 100 + i, "caption": "a second caption"}]
