@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 FAST = [
+    "model=tiny_sana",  # first: the family sweep replaces it
     "trainer.max_steps=4",
     "data.num_prompts=8",
     "data.batch_size=4",
