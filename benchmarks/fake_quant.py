@@ -217,7 +217,10 @@ def warn_if_busy(when: str) -> None:
     """Other processes on the cores make every variant slower, and not alike: say so beside the figures."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
-        print(f"warning: load average {load:.1f} on {cores} cores at the {when}; timings are noisy, rerun when idle")
+        print(
+            f"warning: load average {load:.1f} on {cores} cores at the {when}; timings are noisy: rerun when idle, "
+            "or with --threads 1 (a shared CPU stalls multi-threaded steps, a single thread only slows down)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
