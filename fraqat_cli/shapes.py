@@ -4,7 +4,8 @@ No image set can be downloaded here, so the toy teacher (`conf/model/toy.yaml`)
 learns from scenes drawn with PIL: one (or two) of `SHAPES` in one of
 `COLOURS`, `SIZES` and `PLACES` (the vocabulary of `fraqat_cli.prompts`), on a
 plain or lightly textured background of another colour. A scene is a pure
-function of `(split, seed, index)`, so the same seed gives the same pixels.
+function of `(split, seed, two_shape_share, index)`, so the same seed gives the
+same pixels (and a longer list starts with the shorter one).
 
 Train and validation never share an image: a caption belongs to one split only
 (decided by a hash of its text), so validation captions are attribute

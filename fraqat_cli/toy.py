@@ -61,7 +61,8 @@ def _load(cls, part: str):
             f"the toy teacher's {part} is missing from {str(folder)!r}; "
             f"reinstall fraqat-cli or run scripts/pretrain_toy_teacher.py"
         )
-    return cls.from_pretrained(str(folder), torch_dtype=torch.float32)  # stored as float16, computed in float32
+    # Stored as float16, computed in float32; low_cpu_mem_usage=False: these are tiny, and accelerate is optional.
+    return cls.from_pretrained(str(folder), torch_dtype=torch.float32, low_cpu_mem_usage=False)
 
 
 def toy_transformer():

@@ -98,7 +98,8 @@ def fake_coco(root: Path, count: int = 4) -> tuple[Path, Path]:
 def test_coco_data_trains_from_captions_and_vae_latents(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     captions, images_dir = fake_coco(tmp_path)
-    cfg = compose_train("model=tiny_sana", "data=coco", f"data.captions_file={captions}", f"data.images_dir={images_dir}",
+    cfg = compose_train("model=tiny_sana", "data=coco", f"data.captions_file={captions}",
+                        f"data.images_dir={images_dir}",
                         "data.batch_size=2", "trainer.max_steps=2", "logger=none", "trainer.enable_progress_bar=false",
                         "gradient_checkpointing=true", "sample_every_n_steps=1", "num_sample_images=2",
                         f"cache_dir={tmp_path}/cache")
