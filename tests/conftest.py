@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One prompt/latent cache for every CLI run of the session: tiny models' embeddings are computed once."""
+    return tmp_path_factory.mktemp("cache")
+
 # --- quantization-core tests (test_fake_quant, test_quant_linear, test_swap, test_schedules) ---------------
 
 

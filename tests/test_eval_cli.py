@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
-from train_support import FAST, cli_env, fraqat_train
+from train_support import FAST, cli_env, train_sweep
 
 from fraqat_cli.conditioning import prompt_conditioning
 from fraqat_cli.evaluate import evaluate
@@ -30,18 +30,9 @@ def fraqat_eval(args, cwd, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def sweep(tmp_path_factory, cache_dir):
     """A 2-job sweep (fractional and standard QAT) of tiny Sana students."""
-    work = tmp_path_factory.mktemp("sweep")
-    result = fraqat_train(["--multirun", "schedule=fractional,standard", *FAST, f"hydra.sweep.dir={work}/sweep"],
-                          cwd=work, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work / "sweep"
+    return train_sweep(tmp_path_factory.mktemp("sweep"), cache_dir, ["schedule=fractional,standard", *FAST])
 
 
 @pytest.fixture(scope="module")

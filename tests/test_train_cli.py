@@ -11,7 +11,7 @@ import time
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from train_support import FAST, bits_by_step, cli_env, fraqat_train, train_command
+from train_support import FAST, bits_by_step, cli_env, fraqat_train, train_command, train_sweep
 
 from fraqat_cli.checkpointing import load_checkpoint
 
@@ -19,21 +19,10 @@ FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def family_sweep(tmp_path_factory, cache_dir):
     """One multirun over every tiny family: each job trains 4 steps and checkpoints."""
-    work = tmp_path_factory.mktemp("sweep")
-    result = fraqat_train(
-        ["--multirun", f"model={','.join(FAMILIES)}", "schedule=fractional", *FAST[1:],
-         f"hydra.sweep.dir={work}/sweep"],
-        cwd=work, cache_dir=cache_dir, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work / "sweep"
+    return train_sweep(tmp_path_factory.mktemp("sweep"), cache_dir,
+                       [f"model={','.join(FAMILIES)}", "schedule=fractional", *FAST[1:]])
 
 
 @pytest.mark.slow

@@ -48,3 +48,11 @@ def logged_rows(run_dir: Path) -> list[dict]:
 
 def bits_by_step(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/weight_bits"]) for r in logged_rows(run_dir) if r.get("train/weight_bits")}
+
+
+def train_sweep(work: Path, cache_dir: Path, args: list[str]) -> Path:
+    """Run `fraqat-train --multirun ARGS` into `work/sweep` and return that folder."""
+    result = fraqat_train(["--multirun", *args, f"hydra.sweep.dir={work}/sweep"], cwd=work, cache_dir=cache_dir,
+                          timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "sweep"
