@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from omegaconf import DictConfig
@@ -31,7 +32,5 @@ def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, model_cfg: Dict
         weight_bits=start_bits,
     )
     if start_bits >= PASS_THROUGH_BITS:
-        from dataclasses import replace
-
         config = replace(config, activation_bits=None)
     return student, quantize_model(student, config)
