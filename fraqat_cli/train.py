@@ -117,8 +117,10 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
 
     # 5. Report.
+    previous = run_dir / METRICS_FILE  # a run resumed at its last step trains no step: keep its last loss
+    last_loss = json.loads(previous.read_text())["final_loss"] if previous.is_file() else float("nan")
     metrics = {
-        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "final_loss": float(trainer.callback_metrics.get("train/loss", last_loss)),
         "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
         "steps": int(trainer.global_step),
         "checkpoint": str(checkpoint_dir / "last.ckpt"),
