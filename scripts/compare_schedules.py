@@ -120,10 +120,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--images", type=int, default=256, help="validation prompts (images) per student")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.seeds, args.images = 3, 1, 4
+        args.steps, args.seeds, args.images, args.prompts = 3, 1, 4, 8
     schedules = ["standard", "fractional"] if args.smoke else SCHEDULES
     granularities = ["per_tensor"] if args.smoke else GRANULARITIES
     bindir = Path(sys.executable).parent
@@ -134,7 +135,7 @@ def main() -> None:
     # 1. One multirun: every schedule x granularity x seed, the same budget and learning rate.
     run([str(bindir / "fraqat-train"), "--multirun", "model=toy", f"schedule={','.join(schedules)}",
          f"quantizer={','.join(granularities)}", f"seed={','.join(str(s) for s in range(args.seeds))}",
-         f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv", "data.num_prompts=256",
+         f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv", f"data.num_prompts={args.prompts}",
          "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.steps}",
          f"hydra.sweep.dir={sweep}"], env)
     # 2. FID of every student against the teacher's images for fixed validation prompts.
