@@ -113,25 +113,7 @@ def plot(sweep: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/compare_schedules"))
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=256, help="validation prompts (images) per student")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.seeds, args.images, args.prompts = 3, 1, 4, 8
-    schedules = ["standard", "fractional"] if args.smoke else SCHEDULES
-    granularities = ["per_tensor"] if args.smoke else GRANULARITIES
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    sweep = args.out.resolve() / "sweep"
-    cache_dir = env.get("FRAQAT_CACHE", str(Path.home() / ".cache" / "fraqat"))
-
+def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, sweep: Path) -> None:
     # 1. One multirun: every schedule x granularity x seed, the same budget and learning rate.
     run([str(bindir / "fraqat-train"), "--multirun", "model=toy", f"schedule={','.join(schedules)}",
          f"quantizer={','.join(granularities)}", f"seed={','.join(str(s) for s in range(args.seeds))}",
@@ -142,6 +124,31 @@ def main() -> None:
     run([str(bindir / "fraqat-eval"), f"ckpt={sweep}", f"prompts.count={args.images}", "prompts.seed=7",
          "logger=none", "clip.model=null", f"results_csv={args.out.resolve()}/results.csv",
          f"hydra.run.dir={args.out.resolve()}/eval"], env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare_schedules"))
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=256, help="validation prompts (images) per student")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="tabulate an existing --out folder (e.g. after evaluating its sweep in parallel)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.seeds, args.images, args.prompts = 3, 1, 4, 8
+    schedules = ["standard", "fractional"] if args.smoke else SCHEDULES
+    granularities = ["per_tensor"] if args.smoke else GRANULARITIES
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    sweep = args.out.resolve() / "sweep"
+    cache_dir = env.get("FRAQAT_CACHE", str(Path.home() / ".cache" / "fraqat"))
+
+    if not args.summarize_only:
+        train_and_evaluate(args, schedules, granularities, bindir, env, sweep)
     # 3. Held-out distillation loss, and the table.
     rows = []
     for result in sorted(sweep.glob("*/eval/*/results.json")):
