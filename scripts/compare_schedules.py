@@ -106,7 +106,7 @@ def plot(sweep: Path, path: Path) -> None:
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("distillation loss (seed 0)")
     ax_loss.legend(fontsize=6, ncol=2)
-    ax_bits.set_ylabel("weight bits (fp shown as 9)")
+    ax_bits.set_ylabel("weight bits (16 and fp shown as 9)")
     ax_bits.set_xlabel("step")
     ax_bits.legend(fontsize=6, ncol=3)
     fig.tight_layout()
