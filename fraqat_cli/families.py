@@ -50,13 +50,16 @@ class DiTFamily:
 
 
 class SanaFamily(DiTFamily):
+    # Sana prepends a long "complex human instruction" to prompts by default; we encode the prompt alone.
+    encode_kwargs = {"complex_human_instruction": None}
+
     def encode_prompts(self, pipe, prompts, max_sequence_length):
         embeds, mask, _, _ = pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
-            complex_human_instruction=None,
             device=torch.device("cpu"),
+            **self.encode_kwargs,
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
@@ -70,14 +73,9 @@ class SanaFamily(DiTFamily):
 
 
 class PixArtFamily(SanaFamily):
-    def encode_prompts(self, pipe, prompts, max_sequence_length):
-        embeds, mask, _, _ = pipe.encode_prompt(
-            prompts,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-            device=torch.device("cpu"),
-        )
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+    """Sana's prompt encoding and inputs, plus the (unused at fixed resolution) size conditioning."""
+
+    encode_kwargs = {}
 
     def transformer_kwargs(self, latents, timesteps, cond):
         kwargs = super().transformer_kwargs(latents, timesteps, cond)
