@@ -120,10 +120,28 @@ def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, 
          f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv", f"data.num_prompts={args.prompts}",
          "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.steps}",
          f"hydra.sweep.dir={sweep}"], env)
-    # 2. FID of every student against the teacher's images for fixed validation prompts.
-    run([str(bindir / "fraqat-eval"), f"ckpt={sweep}", f"prompts.count={args.images}", "prompts.seed=7",
-         "logger=none", "clip.model=null", f"results_csv={args.out.resolve()}/results.csv",
-         f"hydra.run.dir={args.out.resolve()}/eval"], env)
+    # 2. FID of every student against the teacher's images for fixed validation prompts. The first student
+    #    alone (it caches the teacher's images and features), then the rest split over parallel one-thread
+    #    processes: Inception features dominate and two single-threaded evals beat one two-threaded one.
+    jobs = sorted(str(j) for j in sweep.iterdir() if (j / "checkpoints").is_dir())
+    chunks = [jobs[:1]] + [jobs[1 + i::args.workers] for i in range(args.workers)]
+    first, rest = chunks[0], [c for c in chunks[1:] if c]
+    evaluate(args, first, 0, bindir, env)
+    procs = [evaluate(args, chunk, i + 1, bindir, dict(env, OMP_NUM_THREADS="1"), wait=False)
+             for i, chunk in enumerate(rest)]
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"fraqat-eval failed: {failed}")
+
+
+def evaluate(args, jobs: list[str], index: int, bindir: Path, env: dict, wait: bool = True):
+    command = [str(bindir / "fraqat-eval"), f"ckpt=[{','.join(jobs)}]", f"prompts.count={args.images}",
+               "prompts.seed=7", "logger=none", "clip.model=null",
+               f"results_csv={args.out.resolve()}/results-{index}.csv", f"hydra.run.dir={args.out.resolve()}/eval-{index}"]
+    if wait:
+        return run(command, env)
+    print("$", " ".join(command), "&", flush=True)
+    return subprocess.Popen(command, env=env)
 
 
 def main() -> None:
@@ -134,6 +152,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="validation prompts (images) per student")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel fraqat-eval processes (one thread each)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--summarize-only", action="store_true",
                         help="tabulate an existing --out folder (e.g. after evaluating its sweep in parallel)")
