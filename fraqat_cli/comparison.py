@@ -1,4 +1,5 @@
-"""A sweep's comparison: FID, KID and CLIP per schedule x granularity, with the gap to plain QAT."""
+"""A sweep's comparison: FID, KID and CLIP (and fid_val, attribute accuracy when the prompts have ground truth)
+per schedule x granularity, with the gap to plain QAT."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ def _fmt(value, digits=3) -> str:
 
 def comparison_table(results: list[dict]) -> str:
     """Markdown table, one row per evaluated model; `vs standard` is the relative FID gap to plain QAT
-    at the same granularity (negative: closer to the teacher)."""
+    at the same granularity (negative: closer to the teacher). With ground-truth scenes it also shows
+    `FID val` (against the rendered scenes) and `attributes` (attribute accuracy)."""
     baseline = {r["granularity"]: r["fid"] for r in results if r.get("schedule") == BASELINE}
+    ground_truth = any("fid_val" in r for r in results)
+    extra = " FID val | attributes |" if ground_truth else ""
     lines = [
-        "| model | schedule | granularity | bits | FID | KID | CLIP | FID vs standard |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | schedule | granularity | bits | FID | KID | CLIP |{extra} FID vs standard |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if ground_truth else "") + "---|",
     ]
     for r in sorted(
         results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")
@@ -30,7 +34,9 @@ def comparison_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['label']} | {r.get('schedule') or 'teacher'} | {r.get('granularity') or '-'} | "
             f"{_fmt(r.get('weight_bits'), 2) if r.get('weight_bits') else 'fp'} | {_fmt(r['fid'])} | "
-            f"{_fmt(r.get('kid'), 5)} | {_fmt(r.get('clip_score'), 2)} | {gap} |"
+            f"{_fmt(r.get('kid'), 5)} | {_fmt(r.get('clip_score'), 2)} | "
+            + (f"{_fmt(r.get('fid_val'))} | {_fmt(r.get('attribute_accuracy'))} | " if ground_truth else "")
+            + f"{gap} |"
         )
     return "\n".join(lines) + "\n"
 

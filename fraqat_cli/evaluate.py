@@ -1,5 +1,8 @@
 """`fraqat-eval`: FID/KID and CLIP score of quantized students (and teachers), as a table and files.
 
+With a prompt set that carries its ground-truth scenes (`prompts=shapes_val`) it also reports `fid_val`
+(FID against the rendered scenes) and attribute accuracy.
+
 `evaluate(cfg)` does the work and returns one result dict per evaluated model;
 `main` is the thin Hydra entry point.
 """
@@ -27,12 +30,16 @@ CSV_COLUMNS = (
     "fid",
     "kid",
     "clip_score",
+    "fid_val",
+    "attribute_accuracy",
     "reference",
     "num_images",
     "seed",
     "checkpoint",
     "images_dir",
 )
+
+SUMMARY_METRICS = ("fid", "kid", "clip_score", "fid_val", "attribute_accuracy")  # logged and printed, when present
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -61,7 +68,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     # 1. Everything named must exist and agree before any generation starts.
     check_settings(cfg)
     targets = resolve_targets(cfg.ckpt, cfg.get("model"))
-    prompts = list(instantiate_or_raise(cfg.prompts))
+    prompt_set = instantiate_or_raise(cfg.prompts)
+    prompts, scenes = list(prompt_set), getattr(prompt_set, "scenes", None)  # scenes: the prompts' ground truth
     device = torch.device(
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
@@ -74,7 +82,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         clip = None
     else:
         clip = (clip[0].to(device), reason)  # (model, processor)
-    evaluator = Evaluator(cfg, prompts, device, extractor, extractor_name, clip)
+    evaluator = Evaluator(cfg, prompts, device, extractor, extractor_name, clip, scenes)
 
     # 2. Each target: images, metrics, files.
     results = [evaluator.evaluate(target) for target in targets]
@@ -91,14 +99,14 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 
 def append_csv(path: Path, results: list[dict]) -> None:
-    """Add one row per result to the cross-run CSV (rewritten whole, atomically)."""
-    old = path.read_text() if path.is_file() else ""
+    """Add one row per result to the cross-run CSV (rewritten whole, atomically, under today's columns:
+    rows from before a column was added keep it empty)."""
+    old_rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    if not old:
-        writer.writeheader()
-    writer.writerows(results)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(old + buffer.getvalue()))
+    writer.writeheader()
+    writer.writerows(old_rows + results)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 def log_results(cfg: DictConfig, results: list[dict]) -> None:
@@ -113,7 +121,7 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
     for step, r in enumerate(results):
-        logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in ("fid", "kid", "clip_score") if k in r}, step=step)
+        logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)
         if hasattr(logger, "log_image"):
             logger.log_image(key=f"eval/{r['label']}/grid", images=[Image.open(r["grid"])], step=step)
     logger.finalize("success")
@@ -122,4 +130,4 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     results = run_reporting_errors("fraqat-eval", lambda: evaluate(cfg))
-    print(json.dumps([{k: r[k] for k in ("label", "fid", "kid") if k in r} for r in results]))
+    print(json.dumps([{k: r[k] for k in ("label", *SUMMARY_METRICS) if k in r} for r in results]))

@@ -2,7 +2,9 @@
 
 Images are written one file per prompt, atomically, so an interrupted eval
 resumes where it stopped. The teacher's images for a prompt set and sampler
-are generated once and cached; they are the paper's FID reference.
+are generated once and cached; they are the paper's FID reference. A prompt
+set with ground-truth scenes adds FID against the rendered scenes (`fid_val`)
+and attribute accuracy (`fraqat_cli.ground_truth`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from tqdm.auto import tqdm
 from fraqat_cli.cache import atomic_write, cache_key
 from fraqat_cli.conditioning import prompt_conditioning, select
 from fraqat_cli.eval_targets import EvalTarget
+from fraqat_cli.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.metrics import fid_from_features, folder_features, kid_from_features, stability_warning
 from fraqat_cli.models import load_pipeline, model_identity
 from fraqat_cli.sampling import generate, image_grid
-from fraqat_cli.student import build_student
+from fraqat_cli.student import restore_student
 
 IMAGE_NAME = "{:05d}.png"
 
@@ -57,23 +60,26 @@ def ensure_images(
 
 
 def load_student(target: EvalTarget, teacher: torch.nn.Module) -> torch.nn.Module:
-    """Rebuild the quantized student from its checkpoint: same layers, weights and bit-widths."""
-    cfg = target.config
-    student, _ = build_student(teacher, cfg.quantizer, cfg.model, start_bits=target.weight_bits)
-    state = {k.removeprefix("student."): v for k, v in target.state["state_dict"].items() if k.startswith("student.")}
-    student.load_state_dict(state)
-    return student.eval().to(next(teacher.parameters()).dtype)
+    """Rebuild the quantized student from its checkpoint (same layers, weights and bit-widths), in the
+    teacher's inference dtype."""
+    return restore_student(target.config, target.state, teacher).to(next(teacher.parameters()).dtype)
 
 
 class Evaluator:
-    """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings."""
+    """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings.
+
+    `scenes`, when the prompt set has them, are the ground truth of the prompts (scene i for prompt i).
+    """
 
     def __init__(
-        self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str, clip=None
+        self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str, clip=None,
+        scenes: list | None = None,
     ) -> None:
+        if scenes is not None and len(scenes) != len(prompts):
+            raise ValueError(f"{len(scenes)} ground-truth scenes for {len(prompts)} prompts; give one per prompt")
         self.cfg, self.device = cfg, device
         self.extractor, self.extractor_name, self.clip = extractor, extractor_name, clip
-        self.prompts = prompts
+        self.prompts, self.scenes = prompts, scenes
         self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
         self.warnings: list[str] = []
 
@@ -195,7 +201,16 @@ class Evaluator:
             from fraqat_cli.clip_score import clip_score
 
             results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
+        if self.scenes is not None:
+            results.update(self.ground_truth_metrics(features, images))
         return results
+
+    def ground_truth_metrics(self, features: np.ndarray, images: list[Image.Image]) -> dict:
+        """`fid_val`: FID against the rendered scenes (same Inception and clean-fid path as `fid`), and
+        attribute accuracy; `features` are the evaluated images' Inception features."""
+        files = scene_image_files(self.scenes, self.cfg.cache_dir)
+        reference = self.features(files[0].parent, files)
+        return {"fid_val": fid_from_features(features, reference), **attribute_scores(images, self.scenes)}
 
 
 def package_versions() -> dict:

@@ -1,4 +1,8 @@
-"""Evaluation prompt sets (`conf/prompts/`): a fixed, seeded list of prompts, each with its own seed."""
+"""Evaluation prompt sets (`conf/prompts/`): a fixed, seeded list of prompts, each with its own seed.
+
+A prompt set may also carry its ground truth (`ScenePrompts.scenes`): then `fraqat-eval` can compare
+each image with the scene its prompt describes, not only with the teacher's image.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import random
 from pathlib import Path
 
 from fraqat_cli.prompts import offline_captions, read_prompt_file
+from fraqat_cli.shapes import Scene, sample_scenes
 
 
 def _count(count) -> int:
@@ -18,6 +23,20 @@ def _count(count) -> int:
 def offline_prompts(count: int = 64, seed: int = 0) -> list[str]:
     """Captions written from shape attributes: needs no download."""
     return offline_captions(_count(count), seed)
+
+
+class ScenePrompts(list):
+    """The captions of `scenes`, in order, as a plain list of prompts that also holds the scenes themselves."""
+
+    def __init__(self, scenes: list[Scene]) -> None:
+        super().__init__(scene.caption for scene in scenes)
+        self.scenes = list(scenes)
+
+
+def shapes_val_prompts(count: int = 64, seed: int = 7) -> ScenePrompts:
+    """Validation scenes of the synthetic shapes, one shape each (as the toy teacher was trained): caption
+    combinations it never saw, with the scenes as ground truth."""
+    return ScenePrompts(sample_scenes("val", _count(count), seed))
 
 
 def file_prompts(path: str, count: int | None = None) -> list[str]:

@@ -34,3 +34,12 @@ def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, model_cfg: Dict
     if start_bits >= PASS_THROUGH_BITS:
         config = replace(config, activation_bits=None)
     return student, quantize_model(student, config)
+
+
+def restore_student(config: DictConfig, state: dict, teacher: nn.Module) -> nn.Module:
+    """The student saved in a fraqat-train checkpoint (`state`), float32 master weights and bit-widths as trained."""
+    bits = state["fraqat"]["weight_bits"][0]
+    student, _ = build_student(teacher, config.quantizer, config.model, start_bits=bits)
+    weights = {k.removeprefix("student."): v for k, v in state["state_dict"].items() if k.startswith("student.")}
+    student.load_state_dict(weights)
+    return student.eval()

@@ -64,17 +64,21 @@ def summarize(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["schedule"], r["granularity"]), []).append(r)
     baseline = {g: statistics.mean(r["fid"] for r in groups[("standard", g)]) for s, g in groups if s == "standard"}
-    lines = ["| schedule | granularity | seeds | FID mean ± sd | FID vs standard | held-out loss mean ± sd |",
-             "|---|---|---|---|---|---|"]
+    extra = [k for k in ("fid_val", "attribute_accuracy") if all(k in r for r in rows)]
+    names = {"fid_val": "FID vs validation images", "attribute_accuracy": "attribute accuracy"}
+    lines = ["| schedule | granularity | seeds | FID vs teacher mean ± sd | vs standard | "
+             + "".join(f"{names[k]} | " for k in extra) + "held-out loss mean ± sd |",
+             "|---|---|---|---|---|" + "---|" * len(extra) + "---|"]
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     for (schedule, granularity) in sorted(groups, key=lambda k: (k[1], SCHEDULES.index(k[0]))):
         rs = groups[(schedule, granularity)]
         fid = [r["fid"] for r in rs]
         loss = [r["held_out_loss"] for r in rs]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
         base = baseline.get(granularity)
         gap = f"{(statistics.mean(fid) - base) / base:+.1%}" if base and schedule != "standard" else "-"
+        cells = "".join(f"{statistics.mean(r[k] for r in rs):.3g} ± {sd([r[k] for r in rs]):.2g} | " for k in extra)
         lines.append(f"| {schedule} | {granularity} | {len(rs)} | {statistics.mean(fid):.2f} ± {sd(fid):.2f} | {gap} | "
-                     f"{statistics.mean(loss):.5f} ± {sd(loss):.5f} |")
+                     f"{cells}{statistics.mean(loss):.5f} ± {sd(loss):.5f} |")
     return "\n".join(lines)
 
 
@@ -113,13 +117,15 @@ def plot(sweep: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, sweep: Path) -> None:
+def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, sweep: Path, train: bool) -> None:
     # 1. One multirun: every schedule x granularity x seed, the same budget and learning rate.
-    run([str(bindir / "fraqat-train"), "--multirun", "model=toy", f"schedule={','.join(schedules)}",
-         f"quantizer={','.join(granularities)}", f"seed={','.join(str(s) for s in range(args.seeds))}",
-         f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv", f"data.num_prompts={args.prompts}",
-         "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.steps}",
-         f"hydra.sweep.dir={sweep}"], env)
+    if train:
+        run([str(bindir / "fraqat-train"), "--multirun", "model=toy", f"schedule={','.join(schedules)}",
+             f"quantizer={','.join(granularities)}", f"seed={','.join(str(s) for s in range(args.seeds))}",
+             f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
+             f"data.num_prompts={args.prompts}",
+             "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.steps}",
+             f"hydra.sweep.dir={sweep}"], env)
     # 2. FID of every student against the teacher's images for fixed validation prompts. The first student
     #    alone (it caches the teacher's images and features), then the rest split over parallel one-thread
     #    processes: Inception features dominate and two single-threaded evals beat one two-threaded one.
@@ -135,9 +141,10 @@ def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, 
 
 
 def evaluate(args, jobs: list[str], index: int, bindir: Path, env: dict, wait: bool = True):
-    command = [str(bindir / "fraqat-eval"), f"ckpt=[{','.join(jobs)}]", f"prompts.count={args.images}",
-               "prompts.seed=7", "logger=none", "clip.model=null",
-               f"results_csv={args.out.resolve()}/results-{index}.csv", f"hydra.run.dir={args.out.resolve()}/eval-{index}"]
+    command = [str(bindir / "fraqat-eval"), f"ckpt=[{','.join(jobs)}]", "prompts=shapes_val",
+               f"prompts.count={args.images}", "prompts.seed=7", "logger=none", "clip.model=null",
+               f"results_csv={args.out.resolve()}/results-{index}.csv",
+               f"hydra.run.dir={args.out.resolve()}/eval-{index}"]
     if wait:
         return run(command, env)
     print("$", " ".join(command), "&", flush=True)
@@ -154,6 +161,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
     parser.add_argument("--workers", type=int, default=2, help="parallel fraqat-eval processes (one thread each)")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate and tabulate the students already trained in --out (e.g. after an interruption)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="tabulate an existing --out folder (e.g. after evaluating its sweep in parallel)")
     args = parser.parse_args()
@@ -167,7 +176,7 @@ def main() -> None:
     cache_dir = env.get("FRAQAT_CACHE", str(Path.home() / ".cache" / "fraqat"))
 
     if not args.summarize_only:
-        train_and_evaluate(args, schedules, granularities, bindir, env, sweep)
+        train_and_evaluate(args, schedules, granularities, bindir, env, sweep, train=not args.evaluate_only)
     # 3. Held-out distillation loss, and the table.
     rows = []
     for result in sorted(sweep.glob("*/eval/*/results.json")):

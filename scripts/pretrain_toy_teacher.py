@@ -30,7 +30,7 @@ from PIL import Image
 from fraqat_cli.families import SanaFamily
 from fraqat_cli.noise import FlowMatchingNoise
 from fraqat_cli.sampling import image_grid
-from fraqat_cli.shapes import closest_value, dominant_colour, sample_scenes, shapes_dataset, to_model_input
+from fraqat_cli.shapes import attribute_accuracies, dominant_colour, sample_scenes, shapes_dataset, to_model_input
 from fraqat_cli.toy import MINILM_WIDTH, minilm_text_encoder, minilm_tokenizer
 
 VAE_CONFIG = dict(  # ResBlocks only: a single 2x downsampling needs no attention
@@ -49,7 +49,6 @@ TRANSFORMER_CONFIG = dict(
     patch_size=4,  # 4x4 tokens of 8x8 pixels: 4x cheaper than 2x2 patches, and enough for five places
     interpolation_scale=1,  # sincos position embeddings: "at the top left" needs absolute positions
 )
-ATTRIBUTES = ("colour", "shape", "place", "size")
 
 
 def parse_args() -> argparse.Namespace:
@@ -144,8 +143,7 @@ def evaluate(pipe, scenes, args, grid_path: Path | None = None) -> dict[str, flo
             complex_human_instruction=None, use_resolution_binning=False,
         ).images
     arrays = [np.asarray(im) for im in images]
-    scores = {a: float(np.mean([closest_value(x, s, a) == getattr(s.objects[0], a) for x, s in zip(arrays, scenes)]))
-              for a in ATTRIBUTES}
+    scores = attribute_accuracies(arrays, scenes)
     scores["dominant_colour"] = float(np.mean(
         [dominant_colour(x, s.background) == s.objects[0].colour for x, s in zip(arrays, scenes)]))
     if grid_path is not None:

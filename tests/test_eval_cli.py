@@ -13,10 +13,11 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
-from train_support import FAST, cli_env, train_sweep
+from train_support import FAST, cli_env, fraqat_train, train_sweep
 
+from fraqat_cli.comparison import comparison_table
 from fraqat_cli.conditioning import prompt_conditioning
-from fraqat_cli.evaluate import evaluate
+from fraqat_cli.evaluate import CSV_COLUMNS, append_csv, evaluate
 from fraqat_cli.families import SanaFamily
 from fraqat_cli.models import load_pipeline
 from fraqat_cli.sampling import generate
@@ -67,6 +68,7 @@ def test_sweep_eval_writes_a_comparison_and_a_csv_row_per_model(sweep, evaluated
     work, result = evaluated
     table = (sweep / "comparison.md").read_text()
     assert "| fractional | per_tensor |" in table and "| standard | per_tensor |" in table
+    assert "| FID val | attributes |" in table, "the default prompt set has ground truth"
     fid = {r["schedule"]: r["fid"] for r in job_results(sweep).values()}
     assert f"{(fid['fractional'] - fid['standard']) / fid['standard']:+.1%}" in table
     assert Image.open(sweep / "comparison.png").size[0] > 100
@@ -94,6 +96,47 @@ def test_interrupted_eval_reuses_the_images_already_generated(sweep, evaluated, 
     assert np.array_equal(np.asarray(Image.open(os.path.join(images_dir, "00003.png"))), pixels)
     after = job_results(sweep)
     assert {k: v["fid"] for k, v in after.items()} == {k: v["fid"] for k, v in before.items()}
+
+
+@pytest.mark.slow
+def test_toy_student_and_its_teacher_report_fid_val_and_attribute_accuracy(tmp_path, cache_dir):
+    """`make train`'s eval in miniature: on the validation scenes (the default prompts) each model also gets
+    FID against the rendered scenes and attribute accuracy; the trained teacher's is the student's baseline."""
+    run = tmp_path / "run"
+    trained = fraqat_train(["model=toy", *FAST[1:], f"hydra.run.dir={run}"], cwd=tmp_path, cache_dir=cache_dir)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = fraqat_eval([f"ckpt=[{run},teacher]", "model=toy", *EVAL_FAST, f"results_csv={tmp_path}/results.csv",
+                          f"hydra.run.dir={tmp_path}/out"], cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = json.loads(next(run.glob("eval/*/results.json")).read_text())
+    teacher = json.loads((tmp_path / "out" / "toy-teacher" / "results.json").read_text())
+    for r in (student, teacher):
+        assert r["fid_val"] > 0 and r["prompt_set"]["_target_"].endswith("shapes_val_prompts")
+        per_attribute = [r[f"{a}_accuracy"] for a in ("colour", "shape", "place", "size")]
+        assert r["attribute_accuracy"] == pytest.approx(np.mean(per_attribute))
+    assert teacher["attribute_accuracy"] >= 0.75, "the trained teacher draws what its captions say"
+    assert "| FID val | attributes |" in result.stdout and "| toy-teacher | teacher |" in result.stdout
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["label"] for r in rows} == {"run", "toy-teacher"} and all(r["fid_val"] for r in rows)
+
+
+def test_prompts_without_ground_truth_keep_the_table_as_it_was():
+    plain = {"label": "a", "schedule": "standard", "granularity": "per_tensor", "weight_bits": 4.0, "fid": 2.0}
+    assert "FID val" not in comparison_table([plain])
+    row = comparison_table([{**plain, "fid_val": 30.0, "attribute_accuracy": 0.75}]).splitlines()[2]
+    assert row == "| a | standard | per_tensor | 4.00 | 2.000 | - | - | 30.000 | 0.750 | - |"
+
+
+def test_a_csv_from_before_the_new_columns_gets_them_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("label,model,fid\r\nold,toy,3.5\r\n")
+    append_csv(path, [{"label": "new", "model": "toy", "fid": 2.0, "fid_val": 30.0}])
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert [(r["label"], r["fid"], r["fid_val"]) for r in rows] == [("old", "3.5", ""), ("new", "2.0", "30.0")]
 
 
 def test_same_seed_same_images_and_different_seeds_different_images(tmp_path):
@@ -132,6 +175,14 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, er
     with pytest.raises(error, match=message):
         evaluate(cfg)
     assert not (tmp_path / "results.csv").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("logger", ["csv", "none", "wandb"])
+def test_every_logger_option_resolves_in_the_eval_config(logger):
+    """`fraqat-eval` instantiates the logger last, after every image and metric: a bad key there fails the run."""
+    cfg = compose_eval("ckpt=teacher", "model=toy", f"logger={logger}")
+    if cfg.logger is not None:
+        OmegaConf.to_container(cfg.logger, resolve=True)  # raises on a key the eval config lacks
 
 
 def test_corrupt_checkpoint_exits_non_zero_with_a_clear_message(tmp_path):

@@ -60,14 +60,18 @@ def _grouped_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], length // spec.group_size, spec.group_size)
 
 
-def _quantize_view(
+def _codes_view(
     view: torch.Tensor,
     bits: float,
     spec: QuantSpec,
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fake-quantize a float32/float64 view whose last dimension shares one scale.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Integer codes (as floats) of a float32/float64 view whose last dimension shares one scale.
+
+    Returns (codes, scale, offset, mask): the dequantized value is `codes * scale (+ offset)`, which
+    is exactly what `_quantize_view` returns, so exported integer codes reproduce the fake-quantized
+    tensor bit for bit. `offset` is None for the symmetric range.
 
     Speed: the view is read-only (it may be the caller's tensor), so `ratio` is the
     one full-size allocation; every later pass works in place on it. max|x| comes
@@ -95,10 +99,56 @@ def _quantize_view(
     codes = ratio.mul_(levels)
     codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
     mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
-    out = codes.clamp_(lo_code, hi_code).mul_(span / levels)
+    return codes.clamp_(lo_code, hi_code), span / levels, offset, mask
+
+
+def _quantize_view(
+    view: torch.Tensor,
+    bits: float,
+    spec: QuantSpec,
+    value_range: tuple[torch.Tensor, torch.Tensor] | None,
+    want_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fake-quantize a view whose last dimension shares one scale: its codes, dequantized in place."""
+    codes, scale, offset, mask = _codes_view(view, bits, spec, value_range, want_mask)
+    out = codes.mul_(scale)
     if offset is not None:
         out = out.add_(offset)
     return out, mask
+
+
+def quantize_to_codes(
+    x: torch.Tensor, bits: float, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The integer codes behind `fake_quantize_spec(x, bits, spec)`: (codes, scale, offset).
+
+    codes: int32, shape of `x`, within `code_range(bits, ...)`. scale and offset
+    (None when symmetric): float32, one per scale group, shaped (1,) per tensor,
+    (rows,) per channel, (rows, groups) per group. `dequantize_codes` inverts it
+    exactly. For deployment, where only integer bit-widths make sense.
+    """
+    bits = validate_bits(bits)
+    if bits >= PASS_THROUGH_BITS:
+        raise ValueError("quantize_to_codes needs a bit-width in [2, 16]; got full precision (32 / None)")
+    if x.dim() != 2 and spec.granularity != "per_tensor":
+        raise ValueError(f"per-channel and per-group codes need a 2-D weight; got shape {tuple(x.shape)}")
+    view = _grouped_view(x.detach().float(), spec)
+    codes, scale, offset, _ = _codes_view(view, bits, spec, None, want_mask=False)
+    shape = (1,) if spec.granularity == "per_tensor" else tuple(view.shape[:-1])
+    flat = lambda t: t.reshape(shape).float().contiguous()  # noqa: E731
+    return codes.reshape(x.shape).to(torch.int32), flat(scale), (flat(offset) if offset is not None else None)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """float32 values of integer codes: `codes * scale (+ offset)`, in the order `fake_quantize` computes."""
+    view = _grouped_view(codes.float(), spec)
+    shape = (*view.shape[:-1], 1) if spec.granularity != "per_tensor" else (1, 1)
+    out = view.mul(scale.reshape(shape))
+    if offset is not None:
+        out = out.add_(offset.reshape(shape))
+    return out.reshape(codes.shape)
 
 
 def fake_quantize(

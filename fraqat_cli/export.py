@@ -1,0 +1,140 @@
+"""`fraqat-export`: turn a trained student checkpoint into deployable files (safetensors codes or ONNX QDQ).
+
+`export(cfg)` does the work and returns its report; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from fraqat_cli.cli import run_reporting_errors
+
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not offered; allowed: {', '.join(FORMATS)}")
+    if isinstance(cfg.example.batch_size, bool) or not isinstance(cfg.example.batch_size, int) \
+            or cfg.example.batch_size < 1:
+        raise ValueError(f"example.batch_size must be a positive integer; got {cfg.example.batch_size!r}")
+    tolerance = cfg.tolerance.get(cfg.format)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance.{cfg.format} must be a positive number; got {tolerance!r}")
+
+
+def checkpoint_file(ckpt) -> Path:
+    """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
+    from fraqat_cli.eval_targets import _checkpoints_in
+
+    files, sweep = _checkpoints_in(Path(str(ckpt)).expanduser())
+    if sweep is not None:
+        raise ValueError(f"ckpt={str(ckpt)!r} is a sweep folder of {len(files)} runs; export one run at a time, "
+                         f"e.g. ckpt={files[0].parent.parent}")
+    return files[0]
+
+
+def default_out(checkpoint: Path, fmt: str) -> Path:
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run_dir / "export" / f"student{FORMATS[fmt]}"
+
+
+def export(cfg: DictConfig) -> dict:
+    import torch
+    from hydra.utils import instantiate
+
+    from fraqat_cli.cache import atomic_write
+    from fraqat_cli.deployable import deployable_layers, layer_record
+    from fraqat_cli.eval_targets import _target_from_checkpoint
+    from fraqat_cli.export_example import example_inputs, relative_difference, student_prediction
+    from fraqat_cli.models import load_pipeline
+    from fraqat_cli.student import restore_student
+
+    # 1. Everything named must exist and make sense before a model is built.
+    check_settings(cfg)
+    checkpoint = checkpoint_file(cfg.ckpt)
+    target = _target_from_checkpoint(checkpoint, None, None)
+    out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
+    if out.suffix != FORMATS[cfg.format]:
+        raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
+    model_cfg = target.config.model
+    family = instantiate(model_cfg.family)
+
+    # 2. The student as trained (float32 master weights), and example inputs to trace and check with.
+    pipe = load_pipeline(model_cfg, without=family.text_parts)
+    student = restore_student(target.config, target.state, pipe.transformer)
+    source = f"checkpoint {str(checkpoint)!r}"
+    layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
+    example = example_inputs(model_cfg, pipe, cfg.example, cfg.cache_dir)
+    info = {"model": model_cfg.name, "schedule": target.config.schedule.name,
+            "granularity": target.config.quantizer.granularity, "checkpoint": str(checkpoint),
+            "step": target.state.get("global_step")}
+
+    # 3. Write beside the target, check, and only then move into place.
+    tmp = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if cfg.format == "safetensors":
+            from fraqat_cli.packed import export_packed, load_packed
+
+            size = export_packed(student, tmp, info, source)
+            report = {"size": size.as_dict(), "layers": layers}
+            rebuilt = lambda: load_packed(tmp).transformer  # noqa: E731
+        else:
+            from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+
+            report = export_onnx(student, family, example, tmp, info, source)
+            report["size"] = {"file_bytes": tmp.stat().st_size}
+            rebuilt = None
+        report.update(info, format=cfg.format, file=str(out))
+        if cfg.check:
+            with torch.no_grad():
+                expected = student_prediction(student, family, example)
+                got = (student_prediction(rebuilt(), family, example) if rebuilt
+                       else run_onnxruntime(tmp, example))
+            difference = relative_difference(got, expected)
+            tolerance = cfg.tolerance[cfg.format]
+            report["check"] = {"relative_difference": difference, "tolerance": tolerance,
+                               "against": "PyTorch student" + ("" if rebuilt else " (onnxruntime CPU)")}
+            if not difference <= tolerance:
+                raise ValueError(f"the exported {cfg.format} model differs from the student by {difference:.3g} "
+                                 f"(relative L2) > tolerance.{cfg.format}={tolerance:g}; nothing written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
+    print_report(report)
+    return report
+
+
+def print_report(report: dict) -> None:
+    layers = report.get("layers")
+    bits = sorted({r["bits"] for r in layers.values()}) if layers else None
+    print(f"fraqat-export: {report['format']} -> {report['file']}")
+    if "of_float32" in report["size"]:
+        s = report["size"]
+        print(f"  size: {s['file_bytes'] / 2**20:.2f} MiB = {s['of_float32']:.3f} of float32 "
+              f"({s['float32_bytes'] / 2**20:.2f} MiB), {s['of_bfloat16']:.3f} of bfloat16; "
+              f"{s['quantized_params']:,}/{s['total_params']:,} parameters quantized")
+    else:
+        print(f"  size: {report['size']['file_bytes'] / 2**20:.2f} MiB")
+    if bits:
+        print(f"  {len(layers)} quantized layers at {bits} bits, {report['granularity']}")
+    if "check" in report:
+        c = report["check"]
+        print(f"  check against the {c['against']}: relative difference {c['relative_difference']:.2e} "
+              f"(tolerance {c['tolerance']:g})")
+
+
+@hydra.main(config_path="pkg://fraqat_cli.conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_reporting_errors("fraqat-export", lambda: export(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The student as an ONNX graph in QDQ form: what mobile toolchains (Qualcomm QNN, others) import.
+
+Each quantized linear layer becomes
+    x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- weight codes (int4)
+with 8-bit activations (per-tensor scale: computed in the graph from max|x| for a
+dynamic quantizer, a constant for a calibrated static one) and the weight's
+integer codes as an initializer: INT4/UINT4 for codes of at most 4 bits (opset
+21), int8 otherwise; per-channel scales on axis 0, per-group scales as opset 21
+blocked quantization. `torch.onnx.ops.symbolic` places the Q/DQ nodes; the codes
+of 4-bit layers are narrowed to INT4 after export, because torch has no int4
+tensors to export them from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fraqat_cli.cache import atomic_write
+from fraqat_cli.deployable import deployable_layers, layer_record
+from fraqat_cli.quant import QuantLinear
+from fraqat_cli.quant.fake_quant import _TINY, quantize_to_codes
+
+OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
+
+
+def _symbolic(op: str, inputs: list, attrs: dict | None, dtype, shape) -> torch.Tensor:
+    return torch.onnx.ops.symbolic(op, inputs, attrs or {}, dtype=dtype, shape=shape, version=OPSET)
+
+
+class QDQLinear(nn.Module):
+    """Export-only stand-in for a `QuantLinear`: integer weight codes and Q/DQ pairs in the graph."""
+
+    def __init__(self, layer: QuantLinear, name: str) -> None:
+        super().__init__()
+        record = layer_record(layer)
+        act, spec = record["activation"], layer.weight_quantizer.spec
+        if act["bits"] is not None and (act["bits"] != 8 or act["granularity"] != "per_tensor"
+                                        or act["rounding"] != "nearest"):
+            raise ValueError(
+                f"{name}: activations at {act['bits']} bits, {act['granularity']}, rounding {act['rounding']} have "
+                f"no QDQ form; ONNX export takes 8-bit per_tensor activations rounded to nearest "
+                f"(quantizer.activation_bits=8, activation_granularity=per_tensor, activation_rounding=nearest)")
+        self.name, self.record, self.spec = name, record, spec
+        codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
+        code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
+        if not spec.symmetric and record["bits"] > 8:
+            raise ValueError(f"{name}: asymmetric {record['bits']}-bit weight codes have no ONNX integer type here")
+        self.register_buffer("codes", codes.to(code_dtype))
+        self.register_buffer("scale", scale.reshape(()) if spec.granularity == "per_tensor" else scale)
+        self.register_buffer("offset", offset)
+        self.bias = layer.bias
+        if act["static"] and act["range"] is not None:
+            low, high = act["range"]
+            span = max(abs(low), abs(high)) if act["symmetric"] else high - low
+            self.register_buffer("act_scale", torch.tensor(max(span, _TINY) / (127 if act["symmetric"] else 256)))
+            self.register_buffer("act_low", torch.tensor(float(low)))
+        else:
+            self.act_scale = None
+
+    def _weight(self) -> torch.Tensor:
+        attrs = {} if self.spec.granularity == "per_tensor" else {"axis": 0 if self.spec.granularity == "per_channel"
+                                                                  else 1}
+        if self.spec.granularity == "per_group":
+            attrs["block_size"] = self.spec.group_size
+        weight = _symbolic("DequantizeLinear", [self.codes, self.scale], attrs, torch.float32, self.codes.shape)
+        if self.offset is None:
+            return weight
+        rows = weight.shape[0]
+        grouped = weight.reshape(rows, self.offset.shape[-1] if self.offset.dim() == 2 else 1, -1)
+        offset = self.offset.reshape(rows, -1, 1) if self.offset.dim() == 2 else self.offset.reshape(-1, 1, 1)
+        return (grouped + offset).reshape(weight.shape)
+
+    def _activation(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.record["activation"]
+        if act["bits"] is None:
+            return x
+        symmetric = act["symmetric"]
+        if self.act_scale is not None:
+            scale, low = self.act_scale, self.act_low
+        elif symmetric:
+            dims = tuple(range(x.dim()))
+            scale, low = x.abs().amax(dim=dims).clamp_min(_TINY) / 127, None
+        else:
+            dims = tuple(range(x.dim()))
+            low = x.amin(dim=dims)
+            scale = (x.amax(dim=dims) - low).clamp_min(_TINY) / 256
+        if symmetric:
+            zero = torch.zeros((), dtype=torch.int8)
+            codes = _symbolic("QuantizeLinear", [x, scale, zero], None, torch.int8, x.shape)
+            return _symbolic("DequantizeLinear", [codes, scale, zero], None, torch.float32, x.shape)
+        # The wide range starts at min(x): shift it to zero, quantize to uint8, shift back.
+        zero = torch.zeros((), dtype=torch.uint8)
+        codes = _symbolic("QuantizeLinear", [x - low, scale, zero], None, torch.uint8, x.shape)
+        return _symbolic("DequantizeLinear", [codes, scale, zero], None, torch.float32, x.shape) + low
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._activation(x), self._weight(), self.bias)
+
+
+def _squeeze_dim(self, dim: int):
+    """aten.squeeze.dim as torch means it: a no-op when the dimension is not 1 (PixArt squeezes a
+    token dimension that way; the stock translation emits a Squeeze that onnxruntime rejects)."""
+    from onnxscript import opset21 as op
+
+    size = self.shape[dim] if self.shape is not None and len(self.shape) else None
+    if self.shape is not None and (len(self.shape) == 0 or (isinstance(size, int) and size != 1)):
+        return op.Identity(self)
+    return op.Squeeze(self, op.Constant(value_ints=[dim]))
+
+
+class DenoiserGraph(nn.Module):
+    """The graph's signature: (latents, timestep, conditioning...) -> prediction, in the family's own terms
+    (FLUX packs latents inside the graph), the same inputs for every family."""
+
+    def __init__(self, transformer: nn.Module, family, cond_names: list[str]) -> None:
+        super().__init__()
+        self.transformer, self.family, self.cond_names = transformer, family, cond_names
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        kwargs = self.family.transformer_kwargs(latents, timestep, dict(zip(self.cond_names, cond)))
+        return self.transformer(**kwargs, return_dict=False)[0]
+
+
+def qdq_copy(student: nn.Module, source: str) -> tuple[nn.Module, dict[str, dict]]:
+    """A copy of `student` whose quantized layers are `QDQLinear`; the layer records by name."""
+    layers = deployable_layers(student, source)
+    graph_model = copy.deepcopy(student).eval()
+    records = {}
+    for name in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = graph_model.get_submodule(parent_name) if parent_name else graph_model
+        qdq = QDQLinear(getattr(parent, child), name)
+        setattr(parent, child, qdq)
+        records[name] = qdq.record
+    return graph_model, records
+
+
+def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], path: Path, info: dict,
+                source: str = "the student") -> dict:
+    """Write the QDQ graph of `student` to `path` (atomically); `example` holds latents, timestep and the
+    conditioning tensors, in the graph's input order. Returns the layer records and the input names."""
+    import logging
+
+    import onnx
+
+    for noisy in ("onnx_ir", "onnxscript"):  # a line per merged constant or folded slice otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    graph_model, records = qdq_copy(student, source)
+    cond_names = [k for k in example if k not in ("latents", "timestep")]
+    wrapper = DenoiserGraph(graph_model, family, cond_names).eval()
+    args = tuple(example.values())
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET, input_names=list(example),
+                                    output_names=["prediction"], verbose=False,
+                                    custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim})
+    model = program.model_proto
+    expected = sum(r["bits"] <= 4 for r in records.values())
+    narrowed = _narrow_codes(model, records)
+    if narrowed != expected:
+        raise RuntimeError(f"{narrowed} DequantizeLinear nodes read 4-bit weight codes in the exported graph; "
+                           f"expected one per 4-bit layer ({expected})")
+    for key, value in {"fraqat_format": "qdq/1", "fraqat_info": json.dumps(info, default=str)}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    atomic_write(Path(path), lambda tmp: onnx.save(model, tmp))
+    return {"layers": records, "inputs": list(example)}
+
+
+def _narrow_codes(model, records: dict[str, dict]) -> int:
+    """Store the codes of layers at <= 4 bits as INT4/UINT4 initializers; returns how many DequantizeLinear
+    nodes read narrowed codes (the exporter may merge identical initializers, so count readers, not tensors)."""
+    import ml_dtypes
+    from onnx import TensorProto, numpy_helper
+
+    four_bit = {f"{name}.codes": r for name, r in records.items() if r["bits"] <= 4}
+    readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    narrowed = set()
+    for tensor in model.graph.initializer:
+        name = next((k for k in four_bit if tensor.name.endswith(k)), None)
+        if name is None or not any(n.input[0] == tensor.name for n in readers):
+            continue
+        symmetric = four_bit[name]["symmetric"]
+        values = numpy_helper.to_array(tensor).astype(np.int32)
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4 if symmetric else ml_dtypes.uint4),
+                                                tensor.name))
+        for info in model.graph.value_info:
+            if info.name == tensor.name:
+                info.type.tensor_type.elem_type = TensorProto.INT4 if symmetric else TensorProto.UINT4
+        narrowed.add(tensor.name)
+    return sum(n.input[0] in narrowed for n in readers)
+
+
+def run_onnxruntime(path: Path, example: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The graph's prediction for `example`, computed by onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: example[name].detach().cpu().numpy() for name in names}
+    return torch.from_numpy(session.run(None, feeds)[0])

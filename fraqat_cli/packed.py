@@ -1,0 +1,187 @@
+"""A quantized student as one safetensors file of integer codes, and the loader that runs it again.
+
+Each quantized layer keeps `<layer>.weight.codes` (4-bit codes two to a byte,
+wider ones as int8/int16), `<layer>.weight.scale` and, for the asymmetric range,
+`<layer>.weight.offset` (the range's minimum: the paper's wide range starts at
+min(x) itself, not at a code, so an integer zero point could not reproduce it).
+Every other tensor is stored as it is. The metadata says how to rebuild the
+transformer (class and config) and each layer's bits, granularity and activation
+quantizer, so the file alone is the model: no checkpoint, no hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fraqat_cli.cache import atomic_write
+from fraqat_cli.deployable import deployable_layers, layer_record
+from fraqat_cli.quant import QuantLinear, QuantSpec
+from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
+from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
+
+FORMAT = "fraqat-packed/1"
+QUANTIZER_PARTS = {"weight_quantizer", "input_quantizer"}  # their buffers are rebuilt from the metadata
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Bytes on disk against the same model in float32 and bfloat16."""
+
+    file_bytes: int
+    float32_bytes: int
+    quantized_params: int
+    total_params: int
+
+    @property
+    def of_float32(self) -> float:
+        return self.file_bytes / self.float32_bytes
+
+    @property
+    def of_bfloat16(self) -> float:
+        return self.file_bytes / (self.float32_bytes / 2)
+
+    def as_dict(self) -> dict:
+        return {"file_bytes": self.file_bytes, "float32_bytes": self.float32_bytes,
+                "bfloat16_bytes": self.float32_bytes // 2, "of_float32": self.of_float32,
+                "of_bfloat16": self.of_bfloat16, "quantized_params": self.quantized_params,
+                "total_params": self.total_params}
+
+    def __str__(self) -> str:
+        return (f"{self.file_bytes / 2**20:.2f} MiB on disk = {self.of_float32:.3f} of float32 "
+                f"({self.float32_bytes / 2**20:.2f} MiB), {self.of_bfloat16:.3f} of bfloat16; "
+                f"{self.quantized_params:,}/{self.total_params:,} parameters quantized")
+
+
+def _plain_state(student: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+    """Every tensor of the student except the quantized weights and the quantizers' own buffers."""
+    quantized_weights = {f"{name}.weight" for name in layers}
+    return {k: v for k, v in student.state_dict().items()
+            if k not in quantized_weights and not QUANTIZER_PARTS & set(k.split("."))}
+
+
+def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the student") -> SizeReport:
+    """Write `student` (a diffusers transformer with `QuantLinear` layers) to `path` atomically.
+
+    `info`: JSON-able facts stored in the metadata (model name, schedule, checkpoint).
+    """
+    layers = deployable_layers(student, source)
+    tensors: dict[str, torch.Tensor] = {}
+    records = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            record = layer_record(layer)
+            spec = layer.weight_quantizer.spec
+            codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
+            tensors[f"{name}.weight.codes"] = pack_codes(codes, record["bits"], spec.symmetric)
+            tensors[f"{name}.weight.scale"] = scale
+            if offset is not None:
+                tensors[f"{name}.weight.offset"] = offset
+            records[name] = {**record, "storage": storage_of(record["bits"], spec.symmetric)}
+    seen: set[int] = set()
+    for key, value in _plain_state(student, layers).items():
+        value = value.detach().cpu().contiguous()
+        tensors[key] = value.clone() if value.data_ptr() in seen else value  # safetensors refuses shared memory
+        seen.add(value.data_ptr())
+    cls = type(student)
+    metadata = {
+        "format": FORMAT,
+        "transformer_class": f"{cls.__module__}.{cls.__qualname__}",
+        "transformer_config": json.dumps(_config_of(student)),
+        "layers": json.dumps(records),
+        "info": json.dumps(info, default=str),
+    }
+    from safetensors.torch import save_file
+
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    float32_bytes = 4 * sum(v.numel() for v in _plain_state(student, {}).values() if v.is_floating_point())
+    total = sum(p.numel() for p in student.parameters())
+    return SizeReport(Path(path).stat().st_size, float32_bytes,
+                      sum(layer.weight.numel() for layer in layers.values()), total)
+
+
+def _config_of(model: nn.Module) -> dict:
+    """The diffusers config that rebuilds `model`, as plain JSON (tiny models built by Hydra carry ListConfigs)."""
+    from omegaconf import OmegaConf
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "from_config"):
+        raise ValueError(f"{type(model).__name__} is not a diffusers model (no config to rebuild it from)")
+    plain = lambda value: OmegaConf.to_container(value) if OmegaConf.is_config(value) else str(value)  # noqa: E731
+    return json.loads(json.dumps(dict(config), default=plain))
+
+
+@dataclass
+class PackedStudent:
+    """A loaded export: the transformer (float32, computing what the fake-quantized student computed),
+    the per-layer records and the stored facts."""
+
+    transformer: nn.Module
+    layers: dict[str, dict]
+    info: dict
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; give a file written by fraqat-export format=safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as error:
+        raise ValueError(f"{str(path)!r} is not a safetensors file ({type(error).__name__}: {error})") from error
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fraqat export (format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r}); write one with fraqat-export format=safetensors")
+    return metadata
+
+
+def load_packed(path: Path | str) -> PackedStudent:
+    """Rebuild the transformer from an `export_packed` file: codes dequantized exactly, activations
+    fake-quantized as in training."""
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(Path(path))
+    module, _, name = metadata["transformer_class"].rpartition(".")
+    model = getattr(importlib.import_module(module), name).from_config(json.loads(metadata["transformer_config"]))
+    records = json.loads(metadata["layers"])
+    tensors = load_file(str(Path(path).expanduser()))
+    state = {k: v for k, v in tensors.items() if not k.endswith((".weight.codes", ".weight.scale", ".weight.offset"))}
+    for layer_name, record in records.items():
+        spec = QuantSpec(record["granularity"], record["group_size"], record["symmetric"], record["rounding"])
+        codes = unpack_codes(tensors[f"{layer_name}.weight.codes"], record["bits"], spec.symmetric,
+                             tuple(record["shape"]))
+        state[f"{layer_name}.weight"] = dequantize_codes(
+            codes, tensors[f"{layer_name}.weight.scale"], tensors.get(f"{layer_name}.weight.offset"), spec)
+        _swap_in(model, layer_name, record)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not QUANTIZER_PARTS & set(k.split("."))]
+    if missing or unexpected:
+        raise ValueError(f"{str(path)!r} does not match {metadata['transformer_class']}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return PackedStudent(model.eval(), records, json.loads(metadata.get("info", "{}")))
+
+
+def _swap_in(model: nn.Module, name: str, record: dict) -> None:
+    """Put a `QuantLinear` at `name` whose weight is used as loaded (already on the grid) and whose
+    input is quantized as the record says."""
+    act = record["activation"]
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = QuantLinear.from_linear(
+        getattr(parent, child), weight_bits=None, activation_bits=act["bits"],
+        activation_spec=QuantSpec(act["granularity"], act["group_size"], act["symmetric"], act["rounding"]),
+        static_activations=act["static"],
+    )
+    if act["range"] is not None:
+        layer.input_quantizer.range_min.fill_(act["range"][0])
+        layer.input_quantizer.range_max.fill_(act["range"][1])
+    setattr(parent, child, layer)
