@@ -44,6 +44,11 @@ def default_out(checkpoint: Path, fmt: str) -> Path:
     return run_dir / "export" / f"student{FORMATS[fmt]}"
 
 
+def report_path(out: Path) -> Path:
+    """student.safetensors -> student.safetensors.json: the two formats' reports sit side by side."""
+    return out.with_name(out.name + ".json")
+
+
 def export(cfg: DictConfig) -> dict:
     import torch
     from hydra.utils import instantiate
@@ -87,9 +92,10 @@ def export(cfg: DictConfig) -> dict:
             rebuilt = lambda: load_packed(tmp).transformer  # noqa: E731
         else:
             from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+            from fraqat_cli.packed import size_report
 
             report = export_onnx(student, family, example, tmp, info, source)
-            report["size"] = {"file_bytes": tmp.stat().st_size}
+            report["size"] = size_report(student, tmp).as_dict()
             rebuilt = None
         report.update(info, format=cfg.format, file=str(out))
         if cfg.check:
@@ -107,7 +113,7 @@ def export(cfg: DictConfig) -> dict:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write(out.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
+    atomic_write(report_path(out), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
     print_report(report)
     return report
 
@@ -116,13 +122,10 @@ def print_report(report: dict) -> None:
     layers = report.get("layers")
     bits = sorted({r["bits"] for r in layers.values()}) if layers else None
     print(f"fraqat-export: {report['format']} -> {report['file']}")
-    if "of_float32" in report["size"]:
-        s = report["size"]
-        print(f"  size: {s['file_bytes'] / 2**20:.2f} MiB = {s['of_float32']:.3f} of float32 "
-              f"({s['float32_bytes'] / 2**20:.2f} MiB), {s['of_bfloat16']:.3f} of bfloat16; "
-              f"{s['quantized_params']:,}/{s['total_params']:,} parameters quantized")
-    else:
-        print(f"  size: {report['size']['file_bytes'] / 2**20:.2f} MiB")
+    s = report["size"]
+    print(f"  size: {s['file_bytes'] / 2**20:.2f} MiB = {s['of_float32']:.3f} of float32 "
+          f"({s['float32_bytes'] / 2**20:.2f} MiB), {s['of_bfloat16']:.3f} of bfloat16; "
+          f"{s['quantized_params']:,}/{s['total_params']:,} parameters quantized")
     if bits:
         print(f"  {len(layers)} quantized layers at {bits} bits, {report['granularity']}")
     if "check" in report:

@@ -28,6 +28,7 @@ from fraqat_cli.quant import QuantLinear
 from fraqat_cli.quant.fake_quant import _TINY, quantize_to_codes
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
+INT8, UINT8 = 3, 2  # onnx.TensorProto element types
 
 
 def _symbolic(op: str, inputs: list, attrs: dict | None, dtype, shape) -> torch.Tensor:
@@ -91,14 +92,14 @@ class QDQLinear(nn.Module):
             dims = tuple(range(x.dim()))
             low = x.amin(dim=dims)
             scale = (x.amax(dim=dims) - low).clamp_min(_TINY) / 256
+        # No zero-point inputs (they are 0): the exporter merges equal-bytes constants across dtypes, so an int8
+        # and a uint8 zero could become one; `output_dtype` says int8 instead.
         if symmetric:
-            zero = torch.zeros((), dtype=torch.int8)
-            codes = _symbolic("QuantizeLinear", [x, scale, zero], None, torch.int8, x.shape)
-            return _symbolic("DequantizeLinear", [codes, scale, zero], None, torch.float32, x.shape)
+            codes = _symbolic("QuantizeLinear", [x, scale], {"output_dtype": INT8}, torch.int8, x.shape)
+            return _symbolic("DequantizeLinear", [codes, scale], None, torch.float32, x.shape)
         # The wide range starts at min(x): shift it to zero, quantize to uint8, shift back.
-        zero = torch.zeros((), dtype=torch.uint8)
-        codes = _symbolic("QuantizeLinear", [x - low, scale, zero], None, torch.uint8, x.shape)
-        return _symbolic("DequantizeLinear", [codes, scale, zero], None, torch.float32, x.shape) + low
+        codes = _symbolic("QuantizeLinear", [x - low, scale], {"output_dtype": UINT8}, torch.uint8, x.shape)
+        return _symbolic("DequantizeLinear", [codes, scale], None, torch.float32, x.shape) + low
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._activation(x), self._weight(), self.bias)
@@ -166,6 +167,9 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
     if narrowed != expected:
         raise RuntimeError(f"{narrowed} DequantizeLinear nodes read 4-bit weight codes in the exported graph; "
                            f"expected one per 4-bit layer ({expected})")
+    for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of a small model's file
+        del node.metadata_props[:]
+        node.doc_string = ""
     for key, value in {"fraqat_format": "qdq/1", "fraqat_info": json.dumps(info, default=str)}.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)

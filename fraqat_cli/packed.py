@@ -21,7 +21,7 @@ from torch import nn
 
 from fraqat_cli.cache import atomic_write
 from fraqat_cli.deployable import deployable_layers, layer_record
-from fraqat_cli.quant import QuantLinear, QuantSpec
+from fraqat_cli.quant import PASS_THROUGH_BITS, QuantLinear, QuantSpec
 from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
 
@@ -99,10 +99,16 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
     from safetensors.torch import save_file
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return size_report(student, Path(path))
+
+
+def size_report(student: nn.Module, path: Path) -> SizeReport:
+    """`path`'s size against the student's every floating-point tensor (parameters and buffers) in float32."""
+    quantized = sum(m.weight.numel() for m in student.modules()
+                    if isinstance(m, QuantLinear) and m.weight_bits < PASS_THROUGH_BITS)
     float32_bytes = 4 * sum(v.numel() for v in _plain_state(student, {}).values() if v.is_floating_point())
     total = sum(p.numel() for p in student.parameters())
-    return SizeReport(Path(path).stat().st_size, float32_bytes,
-                      sum(layer.weight.numel() for layer in layers.values()), total)
+    return SizeReport(path.stat().st_size, float32_bytes, quantized, total)
 
 
 def _config_of(model: nn.Module) -> dict:

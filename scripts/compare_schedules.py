@@ -130,6 +130,8 @@ def train_and_evaluate(args, schedules, granularities, bindir: Path, env: dict, 
     #    alone (it caches the teacher's images and features), then the rest split over parallel one-thread
     #    processes: Inception features dominate and two single-threaded evals beat one two-threaded one.
     jobs = sorted(str(j) for j in sweep.iterdir() if (j / "checkpoints").is_dir())
+    if args.workers <= 1:
+        return evaluate(args, jobs, 0, bindir, env)
     chunks = [jobs[:1]] + [jobs[1 + i::args.workers] for i in range(args.workers)]
     first, rest = chunks[0], [c for c in chunks[1:] if c]
     evaluate(args, first, 0, bindir, env)
@@ -167,7 +169,7 @@ def main() -> None:
                         help="tabulate an existing --out folder (e.g. after evaluating its sweep in parallel)")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.seeds, args.images, args.prompts = 3, 1, 4, 8
+        args.steps, args.seeds, args.images, args.prompts, args.workers = 3, 1, 4, 8, 1
     schedules = ["standard", "fractional"] if args.smoke else SCHEDULES
     granularities = ["per_tensor"] if args.smoke else GRANULARITIES
     bindir = Path(sys.executable).parent

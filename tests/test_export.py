@@ -190,7 +190,8 @@ def onnx_graph_facts(path: Path) -> dict:
     blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                and any(a.name == "block_size" for a in n.attribute)]
     return {"quantize": ops.count("QuantizeLinear"), "dequantize": ops.count("DequantizeLinear"),
-            "int4": len(int4), "blocked": len(blocked), "opset": model.opset_import[0].version}
+            "int4": len(int4), "blocked": len(blocked), "opset": model.opset_import[0].version,
+            "reduce_max": ops.count("ReduceMax")}
 
 
 @pytest.mark.parametrize("name,quantizer,overrides", [
@@ -240,3 +241,25 @@ def test_int4_codes_in_the_graph_are_the_exported_codes(families, tmp_path):
     stored = next(t for k, t in graph.items() if k.endswith(f"{name}.codes"))
     codes, _, _ = quantize_to_codes(layer.weight, 4, layer.weight_quantizer.spec)
     assert np.array_equal(numpy_helper.to_array(stored).astype(np.int32), codes.numpy())
+
+
+def test_calibrated_static_activations_travel_in_both_formats(families, tmp_path):
+    """The paper's phone setting: fixed activation ranges, stored in the metadata and as constant ONNX scales."""
+    from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+    from fraqat_cli.quant import calibrate_activations
+
+    model_cfg, family, teacher, example = families["tiny_sd3"]
+    student = quantized_student(teacher, model_cfg, "per_channel", static_activations=True)
+    with torch.no_grad(), calibrate_activations(student):
+        student_prediction(student, family, example)
+    export_packed(student, tmp_path / "s.safetensors", {})
+    layers = json.loads(read_metadata(tmp_path / "s.safetensors")["layers"])
+    assert all(r["activation"]["static"] and r["activation"]["range"][0] < r["activation"]["range"][1]
+               for r in layers.values())
+    export_onnx(student, family, example, tmp_path / "s.onnx", {})
+    with torch.no_grad():
+        expected = student_prediction(student, family, example)
+        assert relative_difference(student_prediction(load_packed(tmp_path / "s.safetensors").transformer, family,
+                                                      example), expected) < 1e-6
+    assert relative_difference(run_onnxruntime(tmp_path / "s.onnx", example), expected) < EXPORT_CONFIG.tolerance.onnx
+    assert onnx_graph_facts(tmp_path / "s.onnx")["reduce_max"] == 0  # constant scales: nothing measured at run time

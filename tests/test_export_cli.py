@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory, cache_dir):
 def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}", f"out={tmp_path}/w4.safetensors"], tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "w4.json").read_text())
+    report = json.loads((tmp_path / "w4.safetensors.json").read_text())
     assert report["check"]["relative_difference"] < 1e-6
     assert report["size"]["file_bytes"] == (tmp_path / "w4.safetensors").stat().st_size
     assert 0 < report["size"]["of_float32"] < 1 and report["size"]["of_bfloat16"] == pytest.approx(
@@ -52,7 +52,7 @@ def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir,
 def test_onnx_export_lands_beside_the_run_and_matches_in_onnxruntime(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}/checkpoints/last.ckpt", "format=onnx"], tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "export" / "student.json").read_text())
+    report = json.loads((run_dir / "export" / "student.onnx.json").read_text())
     assert report["format"] == "onnx" and (run_dir / "export" / "student.onnx").is_file()
     assert report["check"]["relative_difference"] < report["check"]["tolerance"]
     assert report["inputs"][:2] == ["latents", "timestep"]
