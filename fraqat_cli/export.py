@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -50,13 +52,12 @@ def report_path(out: Path) -> Path:
 
 
 def export(cfg: DictConfig) -> dict:
-    import torch
     from hydra.utils import instantiate
 
     from fraqat_cli.cache import atomic_write
     from fraqat_cli.deployable import deployable_layers, layer_record
     from fraqat_cli.eval_targets import _target_from_checkpoint
-    from fraqat_cli.export_example import example_inputs, relative_difference, student_prediction
+    from fraqat_cli.export_example import example_inputs
     from fraqat_cli.models import load_pipeline
     from fraqat_cli.student import restore_student
 
@@ -80,42 +81,71 @@ def export(cfg: DictConfig) -> dict:
             "granularity": target.config.quantizer.granularity, "checkpoint": str(checkpoint),
             "step": target.state.get("global_step")}
 
-    # 3. Write beside the target, check, and only then move into place.
-    tmp = out.with_name(f".{out.name}.partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if cfg.format == "safetensors":
-            from fraqat_cli.packed import export_packed, load_packed
-
-            size = export_packed(student, tmp, info, source)
-            report = {"size": size.as_dict(), "layers": layers}
-            rebuilt = lambda: load_packed(tmp).transformer  # noqa: E731
-        else:
-            from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
-            from fraqat_cli.packed import size_report
-
-            report = export_onnx(student, family, example, tmp, info, source)
-            report["size"] = size_report(student, tmp).as_dict()
-            rebuilt = None
-        report.update(info, format=cfg.format, file=str(out))
+    # 3. Write into a staging folder beside the target, check, and only then move into place.
+    with staging(out) as staged:
+        report = write_format(cfg.format, student, family, example, staged, info, source)
+        report.update(info, format=cfg.format, file=str(out), layers=layers)
         if cfg.check:
-            with torch.no_grad():
-                expected = student_prediction(student, family, example)
-                got = (student_prediction(rebuilt(), family, example) if rebuilt
-                       else run_onnxruntime(tmp, example))
-            difference = relative_difference(got, expected)
-            tolerance = cfg.tolerance[cfg.format]
-            report["check"] = {"relative_difference": difference, "tolerance": tolerance,
-                               "against": "PyTorch student" + ("" if rebuilt else " (onnxruntime CPU)")}
-            if not difference <= tolerance:
-                raise ValueError(f"the exported {cfg.format} model differs from the student by {difference:.3g} "
-                                 f"(relative L2) > tolerance.{cfg.format}={tolerance:g}; nothing written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+            report["check"] = check_export(cfg, student, family, example, staged)
     atomic_write(report_path(out), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
     print_report(report)
     return report
+
+
+@contextmanager
+def staging(out: Path):
+    """Yield a path inside a fresh folder beside `out`; on success move what was written there into place
+    (side files first, `out` last), on failure remove it all: no half-written export is ever visible."""
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage / out.name
+        for file in sorted(stage.iterdir(), key=lambda f: f.name == out.name):
+            os.replace(file, out.parent / file.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_format(fmt: str, student, family, example: dict, path: Path, info: dict, source: str) -> dict:
+    """Write `student` to `path` in `fmt`; returns the report's format-specific part (size, graph inputs)."""
+    from fraqat_cli.packed import export_packed, size_report
+
+    if fmt == "safetensors":
+        export_packed(student, path, info, source)
+        report = {}
+    else:
+        from fraqat_cli.onnx_export import export_onnx
+
+        report = {"inputs": export_onnx(student, family, example, path, info, source)["inputs"]}
+    files = sorted(path.parent.iterdir())
+    report["files"] = [f.name for f in files]
+    report["size"] = size_report(student, sum(f.stat().st_size for f in files)).as_dict()
+    return report
+
+
+def check_export(cfg: DictConfig, student, family, example: dict, path: Path) -> dict:
+    """Run the written file (reloaded, or in onnxruntime) and the PyTorch student on `example`; ValueError
+    when they differ by more than the format's tolerance."""
+    import torch
+
+    from fraqat_cli.export_example import relative_difference, student_prediction
+
+    with torch.no_grad():
+        expected = student_prediction(student, family, example)
+        if cfg.format == "safetensors":
+            from fraqat_cli.packed import load_packed
+
+            got, against = student_prediction(load_packed(path).transformer, family, example), "PyTorch student"
+        else:
+            from fraqat_cli.onnx_export import run_onnxruntime
+
+            got, against = run_onnxruntime(path, example), "PyTorch student (onnxruntime CPU)"
+    difference, tolerance = relative_difference(got, expected), cfg.tolerance[cfg.format]
+    if not difference <= tolerance:
+        raise ValueError(f"the exported {cfg.format} model differs from the student by {difference:.3g} "
+                         f"(relative L2) > tolerance.{cfg.format}={tolerance:g}; nothing written")
+    return {"relative_difference": difference, "tolerance": tolerance, "against": against}
 
 
 def print_report(report: dict) -> None:

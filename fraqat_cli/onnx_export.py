@@ -29,6 +29,7 @@ from fraqat_cli.quant.fake_quant import _TINY, quantize_to_codes
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
 INT8, UINT8 = 3, 2  # onnx.TensorProto element types
+SINGLE_FILE_LIMIT = 2**31 - 2**27  # tensor bytes a single-file graph may hold: protobuf stops at 2 GiB
 
 
 def _symbolic(op: str, inputs: list, attrs: dict | None, dtype, shape) -> torch.Tensor:
@@ -144,9 +145,10 @@ def qdq_copy(student: nn.Module, source: str) -> tuple[nn.Module, dict[str, dict
 
 
 def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], path: Path, info: dict,
-                source: str = "the student") -> dict:
-    """Write the QDQ graph of `student` to `path` (atomically); `example` holds latents, timestep and the
-    conditioning tensors, in the graph's input order. Returns the layer records and the input names."""
+                source: str = "the student", single_file_limit: int = SINGLE_FILE_LIMIT) -> dict:
+    """Write the QDQ graph of `student` to `path`; `example` holds latents, timestep and the conditioning
+    tensors, in the graph's input order. Returns the layer records, the input names and the side file of
+    tensors (None when the graph fits one file, which is then written atomically)."""
     import logging
 
     import onnx
@@ -172,9 +174,18 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
         node.doc_string = ""
     for key, value in {"fraqat_format": "qdq/1", "fraqat_info": json.dumps(info, default=str)}.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    atomic_write(Path(path), lambda tmp: onnx.save(model, tmp))
-    return {"layers": records, "inputs": list(example)}
+    if sum(len(t.raw_data) for t in model.graph.initializer) <= single_file_limit:
+        onnx.checker.check_model(model)
+        atomic_write(Path(path), lambda tmp: onnx.save(model, tmp))
+        return {"layers": records, "inputs": list(example), "data_file": None}
+    # Past protobuf's 2 GiB a graph keeps its tensors in a side file (`<path>.data`), which is written in
+    # place: stage the export in a fresh folder (as fraqat-export does).
+    data_file = Path(path).name + ".data"
+    Path(path).with_name(data_file).unlink(missing_ok=True)  # onnx appends to an existing one
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file,
+              size_threshold=1024)
+    onnx.checker.check_model(str(path))
+    return {"layers": records, "inputs": list(example), "data_file": data_file}
 
 
 def _narrow_codes(model, records: dict[str, dict]) -> int:

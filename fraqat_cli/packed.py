@@ -99,16 +99,16 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
     from safetensors.torch import save_file
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return size_report(student, Path(path))
+    return size_report(student, Path(path).stat().st_size)
 
 
-def size_report(student: nn.Module, path: Path) -> SizeReport:
-    """`path`'s size against the student's every floating-point tensor (parameters and buffers) in float32."""
+def size_report(student: nn.Module, file_bytes: int) -> SizeReport:
+    """`file_bytes` against the student's every floating-point tensor (parameters and buffers) in float32."""
     quantized = sum(m.weight.numel() for m in student.modules()
                     if isinstance(m, QuantLinear) and m.weight_bits < PASS_THROUGH_BITS)
     float32_bytes = 4 * sum(v.numel() for v in _plain_state(student, {}).values() if v.is_floating_point())
     total = sum(p.numel() for p in student.parameters())
-    return SizeReport(path.stat().st_size, float32_bytes, quantized, total)
+    return SizeReport(file_bytes, float32_bytes, quantized, total)
 
 
 def _config_of(model: nn.Module) -> dict:

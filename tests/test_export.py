@@ -263,3 +263,16 @@ def test_calibrated_static_activations_travel_in_both_formats(families, tmp_path
                                                       example), expected) < 1e-6
     assert relative_difference(run_onnxruntime(tmp_path / "s.onnx", example), expected) < EXPORT_CONFIG.tolerance.onnx
     assert onnx_graph_facts(tmp_path / "s.onnx")["reduce_max"] == 0  # constant scales: nothing measured at run time
+
+
+def test_a_graph_past_the_single_file_limit_keeps_its_tensors_beside_it(families, tmp_path):
+    from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+
+    model_cfg, family, teacher, example = families["tiny_flux"]
+    student = quantized_student(teacher, model_cfg, "per_channel")
+    report = export_onnx(student, family, example, tmp_path / "s.onnx", {}, single_file_limit=0)
+    assert report["data_file"] == "s.onnx.data" and (tmp_path / "s.onnx.data").stat().st_size > \
+        (tmp_path / "s.onnx").stat().st_size
+    with torch.no_grad():
+        expected = student_prediction(student, family, example)
+    assert relative_difference(run_onnxruntime(tmp_path / "s.onnx", example), expected) < EXPORT_CONFIG.tolerance.onnx

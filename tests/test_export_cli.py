@@ -92,6 +92,13 @@ def test_checkpoints_that_cannot_deploy_are_refused(run_dir, cache_dir, tmp_path
     assert not (folder / "export").exists()
 
 
+def test_an_export_that_fails_its_check_writes_nothing(run_dir, cache_dir):
+    with pytest.raises(ValueError, match=r"differs from the student by .* > tolerance.onnx=1e-12; nothing written"):
+        export_in_process([f"ckpt={run_dir}", "format=onnx", "tolerance.onnx=1e-12", "out=" + str(run_dir / "x.onnx")],
+                          cache_dir)
+    assert not [f for f in run_dir.iterdir() if f.name.startswith((".x.onnx", "x.onnx"))]
+
+
 def test_a_refusal_exits_2_with_one_line_and_writes_nothing(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}", "format=tflite"], tmp_path, cache_dir)
     assert result.returncode == 2, result.stderr[-2000:]
