@@ -31,7 +31,7 @@ class EvalTarget:
         return None if self.is_teacher else self.state["fraqat"]["weight_bits"][0]
 
 
-def _checkpoints_in(path: Path) -> tuple[list[Path], Path | None]:
+def checkpoints_in(path: Path) -> tuple[list[Path], Path | None]:
     """Checkpoint files named by `path`, and the sweep folder when it is one."""
     if path.is_file():
         return [path], None
@@ -46,7 +46,7 @@ def _checkpoints_in(path: Path) -> tuple[list[Path], Path | None]:
     )
 
 
-def _target_from_checkpoint(path: Path, model_name: str | None, sweep_dir: Path | None) -> EvalTarget:
+def checkpoint_target(path: Path, model_name: str | None, sweep_dir: Path | None) -> EvalTarget:
     state = load_checkpoint(path)
     if "fraqat" not in state or "config" not in state.get("fraqat", {}):
         raise ValueError(f"{str(path)!r} is not a fraqat-train checkpoint (it has no 'fraqat' record)")
@@ -71,7 +71,7 @@ def resolve_targets(ckpt, model_cfg: DictConfig | None) -> list[EvalTarget]:
             config = OmegaConf.create({"model": OmegaConf.to_container(model_cfg)})
             targets.append(EvalTarget(label=f"{model_cfg.name}-teacher", config=config))
             continue
-        files, sweep_dir = _checkpoints_in(Path(str(entry)).expanduser())
+        files, sweep_dir = checkpoints_in(Path(str(entry)).expanduser())
         name = model_cfg.name if model_cfg is not None else None
-        targets.extend(_target_from_checkpoint(f, name, sweep_dir) for f in files)
+        targets.extend(checkpoint_target(f, name, sweep_dir) for f in files)
     return targets

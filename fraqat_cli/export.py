@@ -32,9 +32,9 @@ def check_settings(cfg: DictConfig) -> None:
 
 def checkpoint_file(ckpt) -> Path:
     """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
-    from fraqat_cli.eval_targets import _checkpoints_in
+    from fraqat_cli.eval_targets import checkpoints_in
 
-    files, sweep = _checkpoints_in(Path(str(ckpt)).expanduser())
+    files, sweep = checkpoints_in(Path(str(ckpt)).expanduser())
     if sweep is not None:
         raise ValueError(f"ckpt={str(ckpt)!r} is a sweep folder of {len(files)} runs; export one run at a time, "
                          f"e.g. ckpt={files[0].parent.parent}")
@@ -56,7 +56,7 @@ def export(cfg: DictConfig) -> dict:
 
     from fraqat_cli.cache import atomic_write
     from fraqat_cli.deployable import deployable_layers, layer_record
-    from fraqat_cli.eval_targets import _target_from_checkpoint
+    from fraqat_cli.eval_targets import checkpoint_target
     from fraqat_cli.export_example import example_inputs
     from fraqat_cli.models import load_pipeline
     from fraqat_cli.student import restore_student
@@ -64,7 +64,7 @@ def export(cfg: DictConfig) -> dict:
     # 1. Everything named must exist and make sense before a model is built.
     check_settings(cfg)
     checkpoint = checkpoint_file(cfg.ckpt)
-    target = _target_from_checkpoint(checkpoint, None, None)
+    target = checkpoint_target(checkpoint, None, None)
     out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
     if out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")

@@ -29,7 +29,7 @@ from fraqat_cli.checkpointing import load_checkpoint
 from fraqat_cli.conditioning import prompt_conditioning
 from fraqat_cli.data import PromptOnlySource
 from fraqat_cli.distill import DistillationModule
-from fraqat_cli.eval_targets import _target_from_checkpoint
+from fraqat_cli.eval_targets import checkpoint_target
 from fraqat_cli.evaluation import load_student
 from fraqat_cli.models import load_pipeline
 
@@ -44,7 +44,7 @@ def run(command: list[str], env: dict) -> None:
 
 def held_out_loss(checkpoint: Path, cache_dir: str, count: int) -> float:
     """Student-vs-teacher MSE on fixed validation (noise, timestep, prompt) triples."""
-    target = _target_from_checkpoint(checkpoint, None, None)
+    target = checkpoint_target(checkpoint, None, None)
     model_cfg = target.config.model
     family, noise = instantiate(model_cfg.family), instantiate(model_cfg.noise)
     source = PromptOnlySource(num_prompts=count, prompt_seed=99)  # prompts never used in training
