@@ -63,14 +63,13 @@ class QDQLinear(nn.Module):
             span = max(abs(low), abs(high)) if act["symmetric"] else high - low
             self.register_buffer("act_scale", torch.tensor(max(span, _TINY) / (127 if act["symmetric"] else 256)))
             self.register_buffer("act_low", torch.tensor(float(low)))
+            self.act_bound = 127 * float(self.act_scale)  # a constant: the graph clips to it
         else:
             self.act_scale = None
 
     def _weight(self) -> torch.Tensor:
-        attrs = {} if self.spec.granularity == "per_tensor" else {"axis": 0 if self.spec.granularity == "per_channel"
-                                                                  else 1}
-        if self.spec.granularity == "per_group":
-            attrs["block_size"] = self.spec.group_size
+        attrs = {"per_tensor": {}, "per_channel": {"axis": 0},
+                 "per_group": {"axis": 1, "block_size": self.spec.group_size}}[self.spec.granularity]
         weight = _symbolic("DequantizeLinear", [self.codes, self.scale], attrs, torch.float32, self.codes.shape)
         if self.offset is None:
             return weight
@@ -86,6 +85,8 @@ class QDQLinear(nn.Module):
         symmetric = act["symmetric"]
         if self.act_scale is not None:
             scale, low = self.act_scale, self.act_low
+            if symmetric:  # int8 saturates at -128; the narrow range stops at -127 (a static range can be exceeded)
+                x = x.clamp(-self.act_bound, self.act_bound)
         elif symmetric:
             dims = tuple(range(x.dim()))
             scale, low = x.abs().amax(dim=dims).clamp_min(_TINY) / 127, None
