@@ -31,6 +31,7 @@ def run_dir(tmp_path_factory, cache_dir):
     return work / "run"
 
 
+@pytest.mark.slow
 def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}", f"out={tmp_path}/w4.safetensors"], tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,6 +50,7 @@ def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir,
     assert set(loaded.layers) == set(report["layers"])
 
 
+@pytest.mark.slow
 def test_onnx_export_lands_beside_the_run_and_matches_in_onnxruntime(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}/checkpoints/last.ckpt", "format=onnx"], tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,6 +94,7 @@ def test_checkpoints_that_cannot_deploy_are_refused(run_dir, cache_dir, tmp_path
     assert not (folder / "export").exists()
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_its_check_writes_nothing(run_dir, cache_dir):
     with pytest.raises(ValueError, match=r"differs from the student by .* > tolerance.onnx=1e-12; nothing written"):
         export_in_process([f"ckpt={run_dir}", "format=onnx", "tolerance.onnx=1e-12", "out=" + str(run_dir / "x.onnx")],
