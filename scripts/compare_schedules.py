@@ -75,7 +75,7 @@ def summarize(rows: list[dict]) -> str:
         fid = [r["fid"] for r in rs]
         loss = [r["held_out_loss"] for r in rs]
         base = baseline.get(granularity)
-        gap = f"{(statistics.mean(fid) - base) / base:+.1%}" if base and schedule != "standard" else "-"
+        gap = f"{(statistics.mean(fid) - base) / base:+.1%}" if base and schedule not in ("standard", "fp") else "-"
         cells = "".join(f"{statistics.mean(r[k] for r in rs):.3g} ± {sd([r[k] for r in rs]):.2g} | " for k in extra)
         lines.append(f"| {schedule} | {granularity} | {len(rs)} | {statistics.mean(fid):.2f} ± {sd(fid):.2f} | {gap} | "
                      f"{cells}{statistics.mean(loss):.5f} ± {sd(loss):.5f} |")
@@ -103,12 +103,15 @@ def plot(sweep: Path, path: Path) -> None:
         with logs[-1].open() as f:
             rows = [r for r in csv.DictReader(f) if r.get("train/output_loss")]
         steps = [int(r["step"]) for r in rows]
-        ax_loss.plot(steps, [float(r["train/output_loss"]) for r in rows], label=f"{key[0]} {key[1]}", lw=0.8)
+        colour = f"C{SCHEDULES.index(key[0])}"  # one colour per schedule, one line style per granularity
+        if key[0] != "fp":  # the fp student's loss is 0: nothing to draw on a log scale
+            ax_loss.plot(steps, [float(r["train/output_loss"]) for r in rows], label=f"{key[0]} {key[1]}", lw=0.8,
+                         color=colour, ls="-" if key[1] == "per_tensor" else "--")
         bits = [(int(r["step"]), float(r["train/weight_bits"])) for r in rows if r.get("train/weight_bits")]
         if key[1] == "per_tensor":
-            ax_bits.step([b[0] for b in bits], [min(b[1], 9) for b in bits], where="post", label=key[0])
+            ax_bits.step([b[0] for b in bits], [min(b[1], 9) for b in bits], where="post", label=key[0], color=colour)
     ax_loss.set_yscale("log")
-    ax_loss.set_ylabel("distillation loss (seed 0)")
+    ax_loss.set_ylabel("distillation loss (seed 0; -- per_channel)")
     ax_loss.legend(fontsize=6, ncol=2)
     ax_bits.set_ylabel("weight bits (16 and fp shown as 9)")
     ax_bits.set_xlabel("step")
