@@ -170,6 +170,10 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
     if narrowed != expected:
         raise RuntimeError(f"{narrowed} DequantizeLinear nodes read 4-bit weight codes in the exported graph; "
                            f"expected one per 4-bit layer ({expected})")
+    paired = _quantized_matmuls(model, activations=any(r["activation"]["bits"] for r in records.values()))
+    if paired != len(records):
+        raise RuntimeError(f"{paired} matrix products in the exported graph multiply dequantized weights by "
+                           f"dequantized activations; expected one per quantized layer ({len(records)})")
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of a small model's file
         del node.metadata_props[:]
         node.doc_string = ""
@@ -211,6 +215,35 @@ def _narrow_codes(model, records: dict[str, dict]) -> int:
                 info.type.tensor_type.elem_type = TensorProto.INT4 if symmetric else TensorProto.UINT4
         narrowed.add(tensor.name)
     return sum(n.input[0] in narrowed for n in readers)
+
+
+def _quantized_matmuls(model, activations: bool) -> int:
+    """How many MatMul/Gemm nodes take a weight from a DequantizeLinear of an initializer and (when the
+    student quantizes activations) their other operand from a DequantizeLinear too: the QDQ form, checked
+    on the graph because an output comparison cannot see a missing 8-bit activation quantizer."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    passthrough = ("Transpose", "Reshape", "Add", "Squeeze", "Unsqueeze", "Identity", "Cast")
+
+    def dequantized(name: str, of_initializer: bool) -> bool:
+        for _ in range(8):  # a few reshapes/transposes (and the asymmetric range's offset) may sit in between
+            node = producer.get(name)
+            if node is None:
+                return False
+            if node.op_type == "DequantizeLinear":
+                return (node.input[0] in initializers) == of_initializer
+            if node.op_type not in passthrough:
+                return False
+            name = next((i for i in node.input if i in producer), node.input[0])
+        return False
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2:
+            x, w = node.input[0], node.input[1]
+            if dequantized(w, True) and (not activations or dequantized(x, False)):
+                count += 1
+    return count
 
 
 def run_onnxruntime(path: Path, example: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -276,3 +276,16 @@ def test_a_graph_past_the_single_file_limit_keeps_its_tensors_beside_it(families
     with torch.no_grad():
         expected = student_prediction(student, family, example)
     assert relative_difference(run_onnxruntime(tmp_path / "s.onnx", example), expected) < EXPORT_CONFIG.tolerance.onnx
+
+
+def test_a_graph_without_its_activation_quantizers_is_refused(families, tmp_path, monkeypatch):
+    """An output comparison cannot see a missing 8-bit activation quantizer (too small an effect); the graph
+    check does."""
+    from fraqat_cli.onnx_export import QDQLinear, export_onnx
+
+    model_cfg, family, teacher, example = families["tiny_pixart"]
+    student = quantized_student(teacher, model_cfg, "per_channel")
+    monkeypatch.setattr(QDQLinear, "_activation", lambda self, x: x)
+    with pytest.raises(RuntimeError, match="multiply dequantized weights by dequantized activations"):
+        export_onnx(student, family, example, tmp_path / "s.onnx", {})
+    assert not (tmp_path / "s.onnx").exists()
