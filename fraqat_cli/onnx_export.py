@@ -49,7 +49,7 @@ class QDQLinear(nn.Module):
                 f"{name}: activations at {act['bits']} bits, {act['granularity']}, rounding {act['rounding']} have "
                 f"no QDQ form; ONNX export takes 8-bit per_tensor activations rounded to nearest "
                 f"(quantizer.activation_bits=8, activation_granularity=per_tensor, activation_rounding=nearest)")
-        self.name, self.record, self.spec = name, record, spec
+        self.record, self.spec = record, spec
         codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
         code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
         if not spec.symmetric and record["bits"] > 8:
@@ -201,10 +201,11 @@ def _narrow_codes(model, records: dict[str, dict]) -> int:
 
     four_bit = {f"{name}.codes": r for name, r in records.items() if r["bits"] <= 4}
     readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    read = {n.input[0] for n in readers}
     narrowed = set()
     for tensor in model.graph.initializer:
         name = next((k for k in four_bit if tensor.name.endswith(k)), None)
-        if name is None or not any(n.input[0] == tensor.name for n in readers):
+        if name is None or tensor.name not in read:
             continue
         symmetric = four_bit[name]["symmetric"]
         values = numpy_helper.to_array(tensor).astype(np.int32)
