@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ SIZES = {
 QUANTIZER = OmegaConf.create(
     {"granularity": "per_channel", "group_size": None, "symmetric": True, "rounding": "floor", "activation_bits": 8}
 )
-MODEL_CFG = OmegaConf.create({"quantize": {"include": ["*transformer_blocks.*"], "exclude": []}})
+SELECTION = OmegaConf.load(Path(__file__).parents[1] / "conf/selection/transformer_blocks.yaml")
 
 
 def build(size: str, device: str):
@@ -75,7 +76,7 @@ def build(size: str, device: str):
     torch.manual_seed(0)
     teacher = SanaTransformer2DModel(in_channels=4, out_channels=4, sample_size=side, patch_size=2, **kwargs).to(device)
     noise = FlowMatchingNoise().bind({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
-    student, _ = build_student(teacher, QUANTIZER, MODEL_CFG, start_bits=4)
+    student, _ = build_student(teacher, QUANTIZER, SELECTION, start_bits=4)
     module = DistillationModule(teacher, student, SanaFamily(), noise, lr=1e-5, trainable=["*"])
     plain = copy.deepcopy(teacher).train().requires_grad_(True)  # the same transformer, no quantizers
     g = torch.Generator().manual_seed(1)

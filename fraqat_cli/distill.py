@@ -62,14 +62,16 @@ class DistillationModule(L.LightningModule):
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
         noisy, timesteps = self.noise(latents, torch.randn_like(latents))
-        teacher_dtype = next(self.teacher.parameters()).dtype
-        teacher_cond = {k: v.to(teacher_dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        # Each model sees its inputs in its own parameters' dtype (cached conditioning is stored in the text
+        # encoders' dtype, e.g. bf16, while the student keeps float32 master weights); autocast, when on,
+        # then chooses the compute dtype.
+        teacher_dtype, student_dtype = _dtype_of(self.teacher), _dtype_of(self.student)
         with torch.no_grad(), _block_outputs(self.teacher, self.block_pattern, self.feature_loss_weight > 0) as t_feats:
-            target = self.teacher(
-                **self.family.transformer_kwargs(noisy.to(teacher_dtype), timesteps, teacher_cond), return_dict=False
-            )[0]
+            target = self.teacher(**self.family.transformer_kwargs(
+                noisy.to(teacher_dtype), timesteps, _cast(cond, teacher_dtype)), return_dict=False)[0]
         with _block_outputs(self.student, self.block_pattern, self.feature_loss_weight > 0) as s_feats:
-            prediction = self.student(**self.family.transformer_kwargs(noisy, timesteps, cond), return_dict=False)[0]
+            prediction = self.student(**self.family.transformer_kwargs(
+                noisy.to(student_dtype), timesteps, _cast(cond, student_dtype)), return_dict=False)[0]
         losses = {"output_loss": F.mse_loss(prediction.float(), target.float())}
         if self.feature_loss_weight > 0:
             losses["feature_loss"] = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_feats, t_feats)) / len(
@@ -91,16 +93,25 @@ class DistillationModule(L.LightningModule):
         return losses["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep what `fraqat-eval` needs to rebuild the model from the checkpoint alone."""
-        from fraqat_cli.quant import weight_bits_of
+        """Keep what `fraqat-eval` needs to rebuild the model from the checkpoint alone (bits: in the buffers)."""
+        from fraqat_cli.checkpointing import stamp_record
 
-        checkpoint["fraqat"] = {**self.record, "weight_bits": sorted(weight_bits_of(self.student))}
+        stamp_record(checkpoint, self.record)
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
         # The paper trains with (fused) Adam and no weight decay; fused needs CUDA.
         fused = bool(params) and params[0].is_cuda
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, fused=fused)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors to `dtype`; masks and ids keep theirs."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def freeze_all_but(model: nn.Module, patterns) -> int:

@@ -45,9 +45,9 @@ def load_pipeline(model_cfg: DictConfig, without: tuple[str, ...] = ()):
         pipe = pipeline_cls(**parts)
     else:
         pipe = _from_pretrained(pipeline_cls, model_cfg, dtype, skipped)
-    for name in DENOISER_PARTS:
-        if getattr(pipe, name, None) is not None and getattr(pipe, name).dtype != dtype:
-            getattr(pipe, name).to(dtype)
+    for part in pipe.components.values():  # tiny twins come out float32: every model part in the config's dtype,
+        if isinstance(part, torch.nn.Module) and part.dtype != dtype:  # as from_pretrained(torch_dtype=) does
+            part.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,9 +7,18 @@ Both use diffusers' own schedulers and timestep densities.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
+
+
+def _training_scheduler(cls, sampler_config, **overrides):
+    """`cls` built from the settings it shares with the pipeline's sampler config (the sampler's own
+    options, e.g. DPM-Solver's order, are not the training scheduler's business)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in dict(sampler_config).items() if k in accepted and k not in overrides}, **overrides)
 
 
 class FlowMatchingNoise:
@@ -25,7 +34,16 @@ class FlowMatchingNoise:
         self.scheduler = None
 
     def bind(self, scheduler_config) -> FlowMatchingNoise:
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        """Train on the sigmas the pipeline samples with: its scheduler's shift. Sana's pipeline samples with
+        DPM-Solver, which names the same shift `flow_shift`; read as a flow-matching config it would
+        silently fall back to shift 1 (mid-schedule sigma 0.5 instead of 0.75 at shift 3)."""
+        shift = scheduler_config.get("shift", scheduler_config.get("flow_shift", 1.0))
+        self.scheduler = _training_scheduler(FlowMatchEulerDiscreteScheduler, scheduler_config, shift=shift)
+        if self.scheduler.config.get("use_dynamic_shifting"):
+            raise ValueError(
+                "the pipeline's scheduler shifts its sigmas by image size (use_dynamic_shifting=true); "
+                "training noise supports a fixed shift only: set the scheduler's use_dynamic_shifting to false"
+            )
         return self
 
     def __call__(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None):
@@ -46,7 +64,7 @@ class DDPMNoise:
         self.scheduler = None
 
     def bind(self, scheduler_config) -> DDPMNoise:
-        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.scheduler = _training_scheduler(DDPMScheduler, scheduler_config)
         return self
 
     def __call__(self, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None):

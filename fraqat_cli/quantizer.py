@@ -1,19 +1,16 @@
-"""Turn a `conf/quantizer/*` entry (plus the model's layer patterns) into a `QuantConfig`."""
+"""Turn a `conf/quantizer/*` entry and a `conf/selection/*` entry into a `QuantConfig`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from fraqat_cli.quant import DEFAULT_INCLUDE, QuantConfig, QuantSpec
 
 
-def build_quant_config(
-    quantizer: Mapping,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    weight_bits: float | None = 8,
-) -> QuantConfig:
-    """Patterns in the quantizer entry win over the model's (`include`/`exclude` arguments)."""
+def build_quant_config(quantizer: Mapping, selection: Mapping | None = None, weight_bits: float | None = 8) -> QuantConfig:
+    """`quantizer` says how (granularity, symmetry, rounding, activations); `selection` says which layers
+    (include/exclude patterns; None: the transformer blocks)."""
+    selection = selection or {}
     return QuantConfig(
         weight=QuantSpec(
             granularity=quantizer["granularity"],
@@ -29,6 +26,6 @@ def build_quant_config(
         ),
         activation_bits=quantizer.get("activation_bits", 8),
         static_activations=bool(quantizer.get("static_activations", False)),
-        include=tuple(quantizer.get("include") or include or DEFAULT_INCLUDE),
-        exclude=tuple(quantizer.get("exclude") or exclude or ()),
+        include=tuple(selection.get("include") or DEFAULT_INCLUDE),
+        exclude=tuple(selection.get("exclude") or ()),
     )

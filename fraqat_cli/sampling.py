@@ -21,13 +21,14 @@ def generate(pipe, family, model_cfg: DictConfig, cond: dict, negative: dict, se
         raise ValueError(f"generate: {rows} conditioning rows but {len(seeds)} seeds; give one seed per row")
     resolution = resolution or model_cfg.resolution
     sampler = model_cfg.sampler
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    to_pipe = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
     outputs = []
     for start in range(0, len(seeds), batch_size):
         rows = slice(start, start + batch_size)
-        device = pipe.transformer.device
         kwargs = family.pipeline_kwargs(
-            {k: v.to(device) for k, v in select(cond, rows).items()},
-            {k: v.to(device) for k, v in negative.items()},
+            {k: to_pipe(v) for k, v in select(cond, rows).items()},
+            {k: to_pipe(v) for k, v in negative.items()},
         )
         result = pipe(
             **kwargs,
@@ -61,18 +62,45 @@ def image_grid(images, columns: int | None = None):
 
 
 def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed: int):
-    """A function student -> grid image of the first `count` prompts, with the student in the pipeline."""
+    """A function (student, denoiser=None) -> grid image of the first `count` prompts, drawn by the student
+    inside the teacher's pipeline.
 
-    def make(student):
+    The student keeps its float32 master weights; the pipeline (VAE, latents, conditioning) runs in the
+    teacher's dtype, so the student runs under autocast to that dtype, as it does in bf16-mixed training.
+    `denoiser` is what the pipeline calls in the student's place (a sharded student's wrapper, whose
+    forward gathers the shards on every rank); attributes are still read from the student.
+    """
+
+    def make(student, denoiser=None):
         teacher, was_training = pipe.transformer, student.training
-        pipe.transformer = student.eval()
-        pipe.vae.to(next(student.parameters()).device)
+        device = next(student.parameters()).device
+        pipe.vae.to(device)
+        pipe.transformer = student.eval() if denoiser is None else _CallThrough(student.eval(), denoiser)
         try:
-            rows = slice(0, count)
-            images = generate(pipe, family, model_cfg, select(cond, rows), negative, list(range(seed, seed + count)))
+            with torch.autocast(device.type, dtype=teacher.dtype, enabled=teacher.dtype != student.dtype):
+                rows = slice(0, count)
+                images = generate(pipe, family, model_cfg, select(cond, rows), negative,
+                                  list(range(seed, seed + count)))
         finally:
             pipe.transformer = teacher
             student.train(was_training)
         return image_grid(images)
 
     return make
+
+
+class _CallThrough(torch.nn.Module):
+    """Stands in a pipeline for `module`: calls go to `forward_fn`, everything else reads `module`."""
+
+    def __init__(self, module: torch.nn.Module, forward_fn) -> None:
+        super().__init__()
+        self.inner, self.forward_fn = module, forward_fn
+
+    def forward(self, *args, **kwargs):
+        return self.forward_fn(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)

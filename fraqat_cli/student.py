@@ -1,4 +1,9 @@
-"""Make the student: a float32 copy of the teacher transformer with fake-quantized linear layers."""
+"""Make the student: a float32 copy of the teacher with fake-quantized linear layers; or rebuild a trained one.
+
+Training copies the teacher (float32 master weights). Evaluation and export rebuild a trained student
+from its checkpoint without copying any weight of the teacher: its structure is taken on the meta device
+(no memory) and the checkpoint's tensors are assigned into it, one at a time cast to where they are used.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +14,109 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fraqat_cli.quant import PASS_THROUGH_BITS, QuantizationSummary, quantize_model
+from fraqat_cli.checkpointing import StudentCheckpoint
+from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizationSummary, QuantLinear, quantize_model
 from fraqat_cli.quantizer import build_quant_config
 
 
-def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, model_cfg: DictConfig,
-                  start_bits: float) -> tuple[nn.Module, QuantizationSummary]:
-    """Copy `teacher`, keep float32 master weights, quantize the layers the configs select.
+def quantize_student(model: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,
+                     start_bits: float) -> QuantizationSummary:
+    """Swap the layers `selection_cfg` names for fake-quantized ones at `start_bits`. A schedule that never
+    quantizes (`fp`) also leaves activations in full precision: the reference student is the teacher, trained."""
+    config = build_quant_config(quantizer_cfg, selection_cfg, weight_bits=start_bits)
+    if start_bits >= PASS_THROUGH_BITS:
+        config = replace(config, activation_bits=None)
+    return quantize_model(model, config)
 
-    `start_bits` is the schedule's first bit-width. A schedule that never
-    quantizes (`fp`) also leaves activations in full precision: the reference
-    student is the teacher itself, trained.
+
+def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,
+                  start_bits: float) -> tuple[nn.Module, QuantizationSummary]:
+    """Copy `teacher`, keep float32 master weights, quantize the layers `selection_cfg` names.
+
+    `start_bits` is the schedule's first bit-width.
     """
     student = copy.deepcopy(teacher).train()
     if student.dtype != torch.float32:
         student.to(torch.float32)
     student.requires_grad_(True)
-    config = build_quant_config(
-        quantizer_cfg,
-        include=model_cfg.quantize.get("include"),
-        exclude=model_cfg.quantize.get("exclude"),
-        weight_bits=start_bits,
-    )
-    if start_bits >= PASS_THROUGH_BITS:
-        config = replace(config, activation_bits=None)
-    return student, quantize_model(student, config)
+    return student, quantize_student(student, quantizer_cfg, selection_cfg, start_bits)
 
 
-def restore_student(config: DictConfig, state: dict, teacher: nn.Module) -> nn.Module:
-    """The student saved in a fraqat-train checkpoint (`state`), float32 master weights and bit-widths as trained."""
-    bits = state["fraqat"]["weight_bits"][0]
-    student, _ = build_student(teacher, config.quantizer, config.model, start_bits=bits)
-    weights = {k.removeprefix("student."): v for k, v in state["state_dict"].items() if k.startswith("student.")}
-    student.load_state_dict(weights)
-    return student.eval()
+def model_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and persistent buffers are empty meta tensors (no memory), ready
+    for `load_state_dict(assign=True)`. Non-persistent buffers (tables computed at construction, which no
+    checkpoint holds) are copied as they are. A skeleton passed in is copied again, still without memory."""
+    empty = {}
+    for tensor in model.state_dict(keep_vars=True).values():
+        meta = torch.empty_like(tensor, device="meta")
+        empty[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, empty)
+
+
+class QuantizedWeight(nn.Module):
+    """Takes a weight quantizer's place once its weight has been quantized for good (at evaluation): the
+    forward passes the weight through; bits and spec stay readable, and the bit-width can no longer change."""
+
+    def __init__(self, quantizer: FakeQuantizer) -> None:
+        super().__init__()
+        self.spec = quantizer.spec
+        self.register_buffer("bits", quantizer.bits.detach().clone())
+        self._bits = quantizer.current_bits
+
+    @property
+    def current_bits(self) -> float:
+        return self._bits
+
+    def set_bits(self, bits) -> None:
+        raise RuntimeError("this student's weights were quantized once for evaluation; its bit-width is fixed")
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"bits={self._bits:g}, {self.spec}, quantized once"
+
+
+def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", bake: bool = False) -> nn.Module:
+    """The student stored in `checkpoint`, with the structure of `skeleton` (the teacher or its skeleton).
+
+    dtype None keeps the stored float32 master weights; on the CPU they are the checkpoint's own
+    memory-mapped tensors, not copies (export). `bake`: each quantized weight is fake-quantized once, in
+    float32 from its master weight exactly as in training, then cast to `dtype` (evaluation): the student
+    multiplies by the very weights it trained with, rounded once to `dtype`. Quantizer buffers stay float32.
+    """
+    student = model_skeleton(skeleton)
+    quantize_student(student, checkpoint.config.quantizer, checkpoint.config.get("selection"),
+                     checkpoint.weight_bits or PASS_THROUGH_BITS)
+    quantizers = {f"{name}.{key}" for name, m in student.named_modules() if isinstance(m, FakeQuantizer)
+                  for key, _ in m.named_buffers(recurse=False)}
+    quantized = {f"{name}.weight": m for name, m in student.named_modules() if isinstance(m, QuantLinear)}
+    state = {}
+    for key, tensor in checkpoint.state.items():
+        if bake and key in quantized:
+            state[key] = tensor  # baked below, one layer at a time, from the float32 master weight
+        elif key in quantizers or not tensor.is_floating_point():
+            state[key] = tensor.to(device)
+        else:
+            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(checkpoint.path)!r} does not fit {type(skeleton).__name__} "
+                         f"built from its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, buffer in student.named_buffers():  # the non-persistent ones, as the training student had them
+        if name not in state and not buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            cast = (dtype or torch.float32) if buffer.is_floating_point() else buffer.dtype
+            setattr(student.get_submodule(owner), attr, buffer.to(device=device, dtype=cast))
+    del state
+    if bake:
+        with torch.no_grad():
+            for layer in quantized.values():
+                weight = layer.weight_quantizer(layer.weight.to(device=device, dtype=torch.float32))
+                layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
+                layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
+    leftover = [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"checkpoint {str(checkpoint.path)!r} leaves {leftover[:5]} of the student empty")
+    return student.requires_grad_(False).eval()

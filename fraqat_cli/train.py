@@ -52,11 +52,10 @@ def train(cfg: DictConfig) -> dict:
     """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback
-    from fraqat_cli.checkpointing import AtomicCheckpointIO, resume_path
-    from fraqat_cli.conditioning import prompt_conditioning
+    from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, checkpoint_sizes, resume_path
+    from fraqat_cli.conditioning import conditioning_store
     from fraqat_cli.data import ConditionedLatents
     from fraqat_cli.distill import DistillationModule
     from fraqat_cli.models import load_pipeline
@@ -75,15 +74,17 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     # 2. Prompts -> cached text conditioning; clean latents (teacher samples or VAE-encoded images).
+    #    Both stay on disk and are read a row at a time; only the sample grid's few rows are in memory.
     prompts = source.prompts()
-    cond, negative = prompt_conditioning(cfg.model, prompts, cfg.cache_dir)
+    conditioning = conditioning_store(cfg.model, prompts, cfg.cache_dir)
+    cond, negative = conditioning.read(0, cfg.num_sample_images), conditioning.shared()
     pipe = load_pipeline(cfg.model, without=family.text_parts)
-    latents = source.latents(pipe, family, cfg.model, cond, negative, cfg.cache_dir, cfg.seed)
+    latents = source.latent_store(pipe, family, cfg.model, conditioning, cfg.cache_dir, cfg.seed)
     noise.bind(pipe.scheduler.config)
 
     # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
     teacher = pipe.transformer
-    student, summary = build_student(teacher, cfg.quantizer, cfg.model, schedule(0, cfg.trainer.max_steps))
+    student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     print(f"student: {summary}; schedule: {schedule}")
@@ -94,16 +95,13 @@ def train(cfg: DictConfig) -> dict:
         record={"config": OmegaConf.to_container(cfg, resolve=True), "schedule": repr(schedule)},
     )
     loader = torch.utils.data.DataLoader(
-        ConditionedLatents(cond, latents), batch_size=source.batch_size, shuffle=True,
+        ConditionedLatents(conditioning, latents), batch_size=source.batch_size, shuffle=True,
         num_workers=source.num_workers, drop_last=len(latents) >= source.batch_size,
     )
 
-    # 4. Fit, checkpointing the student, optimizer and loop position (plus the resolved config).
-    checkpoints = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="step={step:06d}", auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True, save_top_k=-1,
-    )
-    callbacks = [BitScheduleCallback(schedule), checkpoints]
+    # 4. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
+    print(checkpoint_sizes(student))
+    callbacks = [BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, checkpoint_dir)]
     if cfg.sample_every_n_steps > 0:
         make_grid = student_grid_maker(pipe, family, cfg.model, cond, negative, cfg.num_sample_images, cfg.seed)
         callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))

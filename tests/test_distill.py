@@ -23,7 +23,7 @@ def tiny_sana():
 
 
 def make_module(model_cfg, pipe, **kwargs) -> DistillationModule:
-    student, _ = build_student(pipe.transformer, QUANTIZER, model_cfg, start_bits=4)
+    student, _ = build_student(pipe.transformer, QUANTIZER, None, start_bits=4)
     noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
     return DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise, **kwargs)
 

@@ -90,7 +90,7 @@ def families(tmp_path_factory):
 
 def quantized_student(teacher, model_cfg, quantizer: str, bits: float = 4, **overrides):
     quantizer_cfg = OmegaConf.merge(OmegaConf.load(CONF / "quantizer" / f"{quantizer}.yaml"), overrides)
-    student, _ = build_student(teacher, quantizer_cfg, model_cfg, start_bits=bits)
+    student, _ = build_student(teacher, quantizer_cfg, None, start_bits=bits)
     with torch.no_grad():  # move the weights off the teacher's, so that a mix-up would show
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.01)

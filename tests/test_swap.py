@@ -193,7 +193,8 @@ def test_every_quantizer_preset_builds_a_config_that_quantize_model_accepts(
         assert torch.isfinite(tiny_sana_transformer(**tiny_sana_batch).sample).all()
 
 
-def test_model_patterns_apply_when_the_quantizer_preset_has_none():
+def test_the_selection_names_the_quantized_layers():
     entry = OmegaConf.load(QUANTIZER_PRESETS[0])
-    config = build_quant_config(entry, include=["transformer_blocks.*.attn1.*"], exclude=["*to_out*"])
+    config = build_quant_config(entry, {"include": ["transformer_blocks.*.attn1.*"], "exclude": ["*to_out*"]})
     assert config.include == ("transformer_blocks.*.attn1.*",) and config.exclude == ("*to_out*",)
+    assert build_quant_config(entry, OmegaConf.load("conf/selection/all_linear.yaml")).include == ("*",)
