@@ -42,9 +42,14 @@ class SampleImagesCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        if self.every_n_steps <= 0 or step % self.every_n_steps:
+            return
+        # A sharded student's forward gathers its blocks from every rank: all ranks draw, rank 0 saves.
+        if not trainer.is_global_zero and not getattr(trainer.strategy, "samples_on_every_rank", False):
             return
         grid = self.make_grid(module.student)
+        if not trainer.is_global_zero:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:06d}.png"
         grid.save(path)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
 
 EXIT_BAD_INPUT = 2
 
@@ -26,12 +27,20 @@ def run_reporting_errors(program: str, work: Callable[[], object]):
     """Run `work`; a bad value, a missing file or an unloadable model exits with status 2 and its message."""
     from fraqat_cli.models import ModelLoadError
 
-    expected = (ValueError, FileNotFoundError, ModelLoadError)
+    expected = (ValueError, FileNotFoundError, ModelLoadError, MissingMandatoryValue)
     try:
         return work()
     except InstantiationException as error:
         cause = error.__cause__ if isinstance(error.__cause__, expected) else error
-        print(f"{program}: error: {cause}", file=sys.stderr)
+        print(f"{program}: error: {_message(cause)}", file=sys.stderr)
     except expected as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {_message(error)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def _message(error: BaseException) -> str:
+    """One line; a value the config marks `???` names the key and how to give it."""
+    if isinstance(error, MissingMandatoryValue):
+        key = error.full_key or "a value"
+        return f"{key} is required and has no default; give it on the command line, e.g. {key}=..."
+    return str(error)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fraqat_cli.quant import ActivationQuantizer, calibrate_activations
+
 
 class DistillationModule(L.LightningModule):
     """Train `student` to reproduce `teacher` on the same noisy latents, timesteps and prompts.
@@ -25,6 +27,7 @@ class DistillationModule(L.LightningModule):
     (the paper's selective training).
     feature_loss_weight: > 0 adds an MSE between the outputs of matching transformer blocks.
     record: plain data stored in every checkpoint under "fraqat" (the resolved config).
+    calibration_batches: batches that static activation quantizers are calibrated on before the first step.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class DistillationModule(L.LightningModule):
         feature_loss_weight: float = 0.0,
         block_pattern: str = "*transformer_blocks.[0-9]*",
         record: dict | None = None,
+        calibration_batches: list[dict] | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -50,13 +54,51 @@ class DistillationModule(L.LightningModule):
         self.feature_loss_weight, self.block_pattern = feature_loss_weight, block_pattern
         self.trainable_params = freeze_all_but(student, trainable)
         self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
+        self.calibration_batches = calibration_batches or []  # static activation ranges are measured on these
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
+    def configure_model(self) -> None:
+        """A sharding strategy (`fraqat_cli.sharding`) splits the student here; the others need nothing."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.student)
+
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+
+    def on_train_start(self) -> None:
+        """Static activation ranges are measured once, before the first step (after a resume they are
+        restored from the checkpoint instead)."""
+        if self.calibration_batches and not all(q.calibrated for q in _static_quantizers(self.student)):
+            self.calibrate(self.calibration_batches)
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Measure each static activation quantizer's range (mean +- 3 std, the paper's) on `batches`.
+
+        Every rank runs the same batches with the same noise, so the ranges agree; rank 0's are broadcast
+        all the same, so that GPU arithmetic cannot leave two ranks with different students.
+        """
+        generator = torch.Generator().manual_seed(0)
+        student_dtype = _dtype_of(self.student)
+        with calibrate_activations(self.student):
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                latents = batch["latents"]
+                cond = {k: v for k, v in batch.items() if k != "latents"}
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                noisy, timesteps = self.noise(latents, noise, generator=generator)
+                self.student(**self.family.transformer_kwargs(
+                    noisy.to(student_dtype), timesteps.to(self.device), _cast(cond, student_dtype)), return_dict=False)
+        quantizers = _static_quantizers(self.student)
+        ranges = torch.stack([torch.stack([q.range_min, q.range_max]) for q in quantizers]).cpu()  # (layers, 2)
+        ranges = self.trainer.strategy.broadcast(ranges) if self._trainer is not None else ranges
+        for q, (low, high) in zip(quantizers, ranges):
+            q.range_min.fill_(float(low))
+            q.range_max.fill_(float(high))
 
     def distillation_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         latents = batch["latents"]
@@ -103,6 +145,10 @@ class DistillationModule(L.LightningModule):
         # The paper trains with (fused) Adam and no weight decay; fused needs CUDA.
         fused = bool(params) and params[0].is_cuda
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, fused=fused)
+
+
+def _static_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActivationQuantizer) and m.static]
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

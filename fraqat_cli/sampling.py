@@ -62,20 +62,18 @@ def image_grid(images, columns: int | None = None):
 
 
 def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed: int):
-    """A function (student, denoiser=None) -> grid image of the first `count` prompts, drawn by the student
-    inside the teacher's pipeline.
+    """A function student -> grid image of the first `count` prompts, drawn by the student inside the
+    teacher's pipeline.
 
     The student keeps its float32 master weights; the pipeline (VAE, latents, conditioning) runs in the
     teacher's dtype, so the student runs under autocast to that dtype, as it does in bf16-mixed training.
-    `denoiser` is what the pipeline calls in the student's place (a sharded student's wrapper, whose
-    forward gathers the shards on every rank); attributes are still read from the student.
     """
 
-    def make(student, denoiser=None):
+    def make(student):
         teacher, was_training = pipe.transformer, student.training
         device = next(student.parameters()).device
         pipe.vae.to(device)
-        pipe.transformer = student.eval() if denoiser is None else _CallThrough(student.eval(), denoiser)
+        pipe.transformer = student.eval()
         try:
             with torch.autocast(device.type, dtype=teacher.dtype, enabled=teacher.dtype != student.dtype):
                 rows = slice(0, count)
@@ -87,20 +85,3 @@ def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed
         return image_grid(images)
 
     return make
-
-
-class _CallThrough(torch.nn.Module):
-    """Stands in a pipeline for `module`: calls go to `forward_fn`, everything else reads `module`."""
-
-    def __init__(self, module: torch.nn.Module, forward_fn) -> None:
-        super().__init__()
-        self.inner, self.forward_fn = module, forward_fn
-
-    def forward(self, *args, **kwargs):
-        return self.forward_fn(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)

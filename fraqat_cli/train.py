@@ -13,10 +13,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.cache import atomic_write
 from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
+from fraqat_cli.run_length import check_run_length, run_length
 from fraqat_cli.sweep import METRICS_FILE
 
 
@@ -46,6 +47,10 @@ def check_numbers(cfg: DictConfig) -> None:
         raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
     if cfg.checkpoint_every_n_steps < 1:
         raise ValueError(f"checkpoint_every_n_steps must be a positive integer; got {cfg.checkpoint_every_n_steps!r}")
+    check_run_length(cfg)
+    count = cfg.quantizer.calibration_batches
+    if cfg.quantizer.static_activations and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"quantizer.calibration_batches must be a positive integer; got {count!r}")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -94,8 +99,11 @@ def train(cfg: DictConfig) -> dict:
         trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
         record={"config": OmegaConf.to_container(cfg, resolve=True), "schedule": repr(schedule)},
     )
+    dataset = ConditionedLatents(conditioning, latents)
+    if cfg.quantizer.static_activations:
+        module.calibration_batches = first_batches(dataset, source.batch_size, cfg.quantizer.calibration_batches)
     loader = torch.utils.data.DataLoader(
-        ConditionedLatents(conditioning, latents), batch_size=source.batch_size, shuffle=True,
+        dataset, batch_size=source.batch_size, shuffle=True,
         num_workers=source.num_workers, drop_last=len(latents) >= source.batch_size,
     )
 
@@ -105,11 +113,20 @@ def train(cfg: DictConfig) -> dict:
     if cfg.sample_every_n_steps > 0:
         make_grid = student_grid_maker(pipe, family, cfg.model, cond, negative, cfg.num_sample_images, cfg.seed)
         callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy built from config (conf/trainer/fsdp.yaml)
+        trainer_kwargs["strategy"] = instantiate_or_raise(trainer_kwargs["strategy"])
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_kwargs,
         default_root_dir=str(run_dir), callbacks=callbacks, logger=make_logger(cfg, run_dir),
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,
     )
+    length = run_length(cfg, trainer.num_devices * trainer.num_nodes, len(dataset))
+    trainer.accumulate_grad_batches, trainer.fit_loop.epoch_loop.max_steps = length.accumulation, length.steps
+    with open_dict(cfg):  # the checkpoints' record and the report say what actually ran
+        cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches = length.steps, length.accumulation
+    module.record["config"] = OmegaConf.to_container(cfg, resolve=True)
+    print(length)
     if ckpt_path:
         print(f"resuming from {ckpt_path}")
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
@@ -129,6 +146,14 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
+
+
+def first_batches(dataset, batch_size: int, count: int) -> list[dict]:
+    """The dataset's first `count` batches, in order: the same on every rank (static activation calibration)."""
+    from torch.utils.data import default_collate
+
+    rows = range(min(len(dataset), count * batch_size))
+    return [default_collate([dataset[i] for i in rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)]
 
 
 def make_logger(cfg: DictConfig, run_dir: Path):

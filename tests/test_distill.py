@@ -22,8 +22,8 @@ def tiny_sana():
     return model_cfg, pipe
 
 
-def make_module(model_cfg, pipe, **kwargs) -> DistillationModule:
-    student, _ = build_student(pipe.transformer, QUANTIZER, None, start_bits=4)
+def make_module(model_cfg, pipe, quantizer=QUANTIZER, **kwargs) -> DistillationModule:
+    student, _ = build_student(pipe.transformer, quantizer, None, start_bits=4)
     noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
     return DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise, **kwargs)
 
@@ -110,3 +110,34 @@ def test_feature_loss_adds_a_per_block_term(tiny_sana):
     losses = module.distillation_loss(fixed_batch())
     assert losses["feature_loss"] > 0
     assert losses["loss"].item() == pytest.approx((losses["output_loss"] + 0.5 * losses["feature_loss"]).item())
+
+
+def test_a_bf16_teacher_and_bf16_conditioning_train_a_float32_student():
+    """Real models cache bf16 prompt embeddings; the float32 student (32-true training) gets them in float32."""
+    model_cfg = OmegaConf.merge(OmegaConf.load("conf/model/tiny_sana.yaml"), {"dtype": "bfloat16"})
+    pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
+    module = make_module(model_cfg, pipe)
+    assert next(module.teacher.parameters()).dtype == torch.bfloat16
+    assert next(module.student.parameters()).dtype == torch.float32
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in fixed_batch().items()}
+    loss = module.distillation_loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_static_activation_ranges_are_measured_on_the_calibration_batches(tiny_sana):
+    from fraqat_cli.quant import ActivationQuantizer
+
+    model_cfg, pipe = tiny_sana
+    static = OmegaConf.merge(QUANTIZER, {"static_activations": True})
+    batches = [fixed_batch(2), fixed_batch(3)]
+    ranges = []
+    for _ in range(2):
+        module = make_module(model_cfg, pipe, quantizer=static, calibration_batches=batches)
+        quantizers = [m for m in module.student.modules() if isinstance(m, ActivationQuantizer)]
+        assert quantizers and not any(q.calibrated for q in quantizers)
+        module.calibrate(batches)
+        ranges.append(torch.stack([torch.stack([q.range_min, q.range_max]) for q in quantizers]))
+    assert torch.isfinite(ranges[0]).all() and (ranges[0][:, 0] < ranges[0][:, 1]).all()
+    torch.testing.assert_close(ranges[0], ranges[1], atol=0, rtol=0)  # same batches, same noise: same ranges
+    assert torch.isfinite(module.distillation_loss(fixed_batch())["loss"])  # the static student now runs

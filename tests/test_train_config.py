@@ -33,10 +33,47 @@ def test_every_option_of_every_group_composes(group):
             assert instantiate(cfg.schedule)(0, 10) >= instantiate(cfg.schedule).end_bits
 
 
-def test_paper_recipes_carry_the_paper_learning_rates():
-    assert compose_train("experiment=sana_w4a8").optim.lr == 1e-7
-    assert compose_train("experiment=sd35_medium_w4a8").optim.lr == 1e-6
-    assert compose_train("experiment=pixart_sigma_w4a8_qat").schedule.name == "standard"
+# The paper's Table 3: FraQAT and plain-QAT (vQAT) learning rates, and global batch sizes.
+PAPER_RECIPES = {
+    "sana_w4a8": (1e-7, 128), "sana_w4a8_qat": (1e-6, 128),
+    "pixart_sigma_w4a8": (1e-6, 128), "pixart_sigma_w4a8_qat": (1e-6, 128),
+    "sd35_medium_w4a8": (1e-6, 256), "sd35_medium_w4a8_qat": (1e-5, 256),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPER_RECIPES))
+def test_paper_recipes_carry_the_paper_rates_batches_budget_and_layers(recipe):
+    cfg = compose_train(f"experiment={recipe}")
+    assert (cfg.optim.lr, cfg.global_batch_size) == PAPER_RECIPES[recipe]
+    assert cfg.schedule.name == ("standard" if recipe.endswith("_qat") else "fractional")
+    assert cfg.epochs == 25 and cfg.optim.weight_decay == 0
+    assert cfg.selection.name == "all_linear" and cfg.quantizer.granularity == "per_tensor"
+
+
+@pytest.mark.parametrize(("devices", "per_device"), [(1, 16), (2, 16), (8, 16), (16, 8)])
+def test_recipes_reach_the_global_batch_on_any_device_count(devices, per_device):
+    from fraqat_cli.run_length import run_length
+
+    cfg = compose_train("experiment=sana_w4a8", f"data.batch_size={per_device}")
+    length = run_length(cfg, devices, samples=10_000)
+    assert length.global_batch == 128 and length.devices * length.accumulation * per_device == 128
+    assert length.steps == 1954  # 25 epochs x 10,000 samples / 128, rounded up
+    assert "global batch 128" in str(length) and "1,954 steps" in str(length)
+
+
+def test_a_global_batch_the_devices_cannot_reach_is_refused():
+    from fraqat_cli.run_length import run_length
+
+    with pytest.raises(ValueError, match=r"global_batch_size=128 is not a multiple of devices x data.batch_size = "
+                                         r"3 x 16 = 48"):
+        run_length(compose_train("experiment=sana_w4a8"), 3, samples=100)
+
+
+def test_without_epochs_the_configured_steps_and_accumulation_stand():
+    from fraqat_cli.run_length import run_length
+
+    length = run_length(compose_train("trainer.max_steps=7", "trainer.accumulate_grad_batches=3"), 2, samples=64)
+    assert (length.steps, length.accumulation, length.global_batch) == (7, 3, 2 * 3 * 8)
 
 
 @pytest.mark.parametrize(
@@ -46,8 +83,13 @@ def test_paper_recipes_carry_the_paper_learning_rates():
         (["optim.lr=0"], "optim.lr must be a positive number"),
         (["schedule.stages.0.bits=20"], "bits=20 is out of range"),
         (["schedule=cosine", "schedule.end_bits=1"], "bits=1 is out of range"),
+        (["epochs=0"], "epochs must be a positive number or null; got 0"),
+        (["global_batch_size=2.5"], "global_batch_size must be a positive integer or null; got 2.5"),
+        (["quantizer.static_activations=true", "quantizer.calibration_batches=0"],
+         "quantizer.calibration_batches must be a positive integer; got 0"),
     ],
-    ids=["negative-steps", "zero-lr", "stage-bits-out-of-range", "end-bits-out-of-range"],
+    ids=["negative-steps", "zero-lr", "stage-bits-out-of-range", "end-bits-out-of-range", "zero-epochs",
+         "fractional-global-batch", "zero-calibration-batches"],
 )
 def test_nonsense_numbers_fail_before_any_model_is_built(override, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
