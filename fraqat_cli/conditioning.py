@@ -1,33 +1,97 @@
-"""Prompt conditioning from the model's own text encoders, computed once and cached on disk."""
+"""Prompt conditioning from the model's own text encoders, computed once and cached on disk.
+
+At scale (10,000 COCO captions through T5-XXL or Gemma) encoding is batched
+(`model.encode_batch_size` prompts per call and per cache shard), runs on the
+accelerator when there is one, in the encoders' dtype, and writes each batch as
+it goes, so an interrupted encoding resumes; training then reads rows lazily
+from the store (`conditioning_store`). Small prompt sets (evaluation, export)
+load it whole (`prompt_conditioning`).
+"""
 
 from __future__ import annotations
+
+import gc
+import os
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fraqat_cli.cache import cached_tensors, split_batch
+from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.models import DENOISER_PARTS, load_pipeline, model_identity
 
 
-def prompt_conditioning(model_cfg: DictConfig, prompts: list[str], cache_dir: str) -> tuple[dict, dict]:
-    """(conditioning for `prompts`, conditioning for the empty negative prompt), batch first.
+def encode_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` when given (e.g. "cpu" to keep the encoders off the GPU); else this process's GPU
+    (`cuda:$LOCAL_RANK`, so DDP ranks do not all pile onto GPU 0), or the CPU without one."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
 
-    On a cache miss the text encoders are loaded alone (no transformer, no VAE),
-    run, and released.
+
+def _batch_size(model_cfg: DictConfig) -> int:
+    size = model_cfg.get("encode_batch_size", 64)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"model.encode_batch_size must be a positive integer; got {size!r}")
+    return size
+
+
+def conditioning_store(
+    model_cfg: DictConfig, prompts: list[str], cache_dir: str, device: str | torch.device | None = None
+) -> ShardedStore:
+    """The cached conditioning of `prompts`, a row per prompt; its `shared()` tensors are the empty
+    negative prompt's conditioning (one row).
+
+    On a miss the text encoders are loaded alone (no transformer, no VAE), moved to `encode_device(device)`,
+    run `model.encode_batch_size` prompts at a time, and released; under an inter-process lock, so DDP
+    ranks starting together encode once.
     """
+    if not prompts:
+        raise ValueError("no prompts to encode: the prompt list is empty")
     family = instantiate(model_cfg.family)
+    batch_size = _batch_size(model_cfg)
+    target = encode_device(device)
+    prompts = list(prompts)
+    loaded = {}
 
-    def encode() -> dict:
-        pipe = load_pipeline(model_cfg, without=DENOISER_PARTS)
-        with torch.no_grad():
-            cond = family.encode_prompts(pipe, list(prompts), model_cfg.max_sequence_length)
-            negative = family.encode_prompts(pipe, [""], model_cfg.max_sequence_length)
-        return {**{f"cond/{k}": v for k, v in cond.items()}, **{f"negative/{k}": v for k, v in negative.items()}}
+    def encoders():
+        if "pipe" not in loaded:
+            pipe = load_pipeline(model_cfg, without=DENOISER_PARTS).to(target)
+            for part in pipe.components.values():
+                if isinstance(part, torch.nn.Module):
+                    part.eval()  # tiny twins are built in training mode: T5's dropout would blur the conditioning
+            loaded["pipe"] = pipe
+        return loaded["pipe"]
 
-    parts = {"model": model_identity(model_cfg), "prompts": list(prompts)}
-    tensors = cached_tensors(cache_dir, "prompts", parts, encode)
-    return split_batch(tensors, "cond"), split_batch(tensors, "negative")
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict:
+        cond = family.encode_prompts(encoders(), texts, model_cfg.max_sequence_length, device=target)
+        return {k: v.cpu() for k, v in cond.items()}
+
+    def release() -> None:
+        loaded.clear()
+        gc.collect()
+        if target.type == "cuda":
+            torch.cuda.empty_cache()
+
+    parts = {"model": model_identity(model_cfg), "prompts": prompts}
+    return sharded_tensors(
+        cache_dir, "prompts", parts, rows=len(prompts), shard_rows=batch_size,
+        compute_rows=lambda start, stop: encode(prompts[start:stop]),
+        compute_shared=lambda: encode([""]),
+        finish=release, description=f"encoding prompts ({model_cfg.name}, {target})",
+    )
+
+
+def prompt_conditioning(
+    model_cfg: DictConfig, prompts: list[str], cache_dir: str, device: str | torch.device | None = None
+) -> tuple[dict, dict]:
+    """(conditioning for `prompts`, conditioning for the empty negative prompt), batch first, in memory:
+    for the few dozen prompts of an evaluation or an export example."""
+    store = conditioning_store(model_cfg, prompts, cache_dir, device)
+    return store.load(), store.shared()
 
 
 def select(cond: dict, index) -> dict:

@@ -3,11 +3,13 @@
 `PromptOnlySource` (the offline default) needs no dataset: its latents are the
 teacher's own samples for the prompts (data-free distillation). `CocoSource`
 reads COCO captions and encodes their images with the model's VAE. Either way
-the result is cached on disk and served as (conditioning, latents) rows.
+the latents are cached on disk in shards (an interrupted run resumes at its last
+shard) and served lazily, a row at a time, as (conditioning, latents) rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fraqat_cli.cache import cached_tensors
+from fraqat_cli.cache import ShardedStore, sharded_tensors
+from fraqat_cli.conditioning import encode_device, select
 from fraqat_cli.models import model_identity
 from fraqat_cli.prompt_sets import coco_caption_pairs
 from fraqat_cli.prompts import offline_captions, read_prompt_file
@@ -28,6 +31,30 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+# Rows per latent shard: 256 SD3.5 latents (16 x 64 x 64 float32) are 64 MB; an interrupted
+# generation loses at most one shard's work.
+LATENT_SHARD_ROWS = 256
+
+
+def _latent_store(kind: str, parts: dict, rows: int, shard_rows: int, pipe, device,
+                  compute: Callable[[int, int], torch.Tensor], cache_dir: str) -> ShardedStore:
+    """A sharded latent cache. Only if something is missing does the pipeline move to
+    `encode_device(device)` to compute it; it goes back afterwards (the training loop places the teacher)."""
+    home = {}
+
+    def compute_rows(start: int, stop: int) -> dict:
+        if not home:
+            home["device"] = pipe.device
+            pipe.to(encode_device(device))
+        return {"latents": compute(start, stop)}
+
+    def finish() -> None:
+        if home:
+            pipe.to(home["device"])
+
+    return sharded_tensors(cache_dir, kind, parts, rows, shard_rows, compute_rows, finish=finish, description=kind)
+
+
 class PromptOnlySource:
     """Generated (or file) prompts; training latents sampled by the teacher for them."""
 
@@ -38,9 +65,11 @@ class PromptOnlySource:
         prompt_file: str | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
+        shard_rows: int = LATENT_SHARD_ROWS,
     ) -> None:
         self.num_prompts = _positive_int("num_prompts", num_prompts)
         self.batch_size = _positive_int("batch_size", batch_size)
+        self.shard_rows = _positive_int("shard_rows", shard_rows)
         self.prompt_seed, self.prompt_file, self.num_workers = prompt_seed, prompt_file, num_workers
 
     def prompts(self) -> list[str]:
@@ -48,8 +77,21 @@ class PromptOnlySource:
             return read_prompt_file(self.prompt_file)[: self.num_prompts]
         return offline_captions(self.num_prompts, self.prompt_seed)
 
+    def latent_store(self, pipe, family, model_cfg, conditioning: ShardedStore, cache_dir: str, seed: int,
+                     device=None) -> ShardedStore:
+        """The teacher's latents for every prompt (row i from seed `seed + i`), generated shard by shard
+        from conditioning read off the store, on `encode_device(device)`."""
+        return self._latents(pipe, family, model_cfg, len(conditioning), conditioning.read, conditioning.shared(),
+                             cache_dir, seed, device)
+
     def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
-        seeds = [seed + i for i in range(len(next(iter(cond.values()))))]
+        """`latent_store` for conditioning already in memory (a few dozen prompts), loaded whole."""
+        rows = len(next(iter(cond.values())))
+        read = lambda start, stop: select(cond, slice(start, stop))
+        return self._latents(pipe, family, model_cfg, rows, read, negative, cache_dir, seed, None).load()["latents"]
+
+    def _latents(self, pipe, family, model_cfg, rows: int, read, negative, cache_dir, seed, device) -> ShardedStore:
+        seeds = [seed + i for i in range(rows)]
         parts = {
             "model": model_identity(model_cfg),
             "cond": self.prompts(),
@@ -57,12 +99,12 @@ class PromptOnlySource:
             "sampler": str(model_cfg.sampler),
             "resolution": model_cfg.resolution,
         }
-        return cached_tensors(
-            cache_dir,
-            "teacher-latents",
-            parts,
-            lambda: {"latents": generate(pipe, family, model_cfg, cond, negative, seeds, output_type="latent")},
-        )["latents"]
+
+        def sample(start: int, stop: int) -> torch.Tensor:
+            return generate(pipe, family, model_cfg, read(start, stop), negative, seeds[start:stop],
+                            output_type="latent")
+
+        return _latent_store("teacher-latents", parts, rows, self.shard_rows, pipe, device, sample, cache_dir)
 
 
 class CocoSource:
@@ -76,6 +118,7 @@ class CocoSource:
         sample_seed: int = 0,
         batch_size: int = 8,
         num_workers: int = 0,
+        shard_rows: int = LATENT_SHARD_ROWS,
     ) -> None:
         self.captions_file, self.images_dir = Path(captions_file).expanduser(), Path(images_dir).expanduser()
         if not self.captions_file.is_file():
@@ -91,6 +134,7 @@ class CocoSource:
             )
         self.max_images = _positive_int("max_images", max_images)
         self.batch_size = _positive_int("batch_size", batch_size)
+        self.shard_rows = _positive_int("shard_rows", shard_rows)
         self.sample_seed, self.num_workers = sample_seed, num_workers
         self._pairs = None
 
@@ -103,7 +147,9 @@ class CocoSource:
     def prompts(self) -> list[str]:
         return [caption for _, caption in self.pairs()]
 
-    def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
+    def latent_store(self, pipe, family, model_cfg, conditioning, cache_dir: str, seed: int,
+                     device=None) -> ShardedStore:
+        """The VAE latents of every image, encoded shard by shard on `encode_device(device)`."""
         files = [name for name, _ in self.pairs()]
         parts = {
             "model": model_identity(model_cfg),
@@ -112,20 +158,20 @@ class CocoSource:
             "resolution": model_cfg.resolution,
         }
 
-        def encode() -> dict:
+        @torch.no_grad()
+        def encode(start: int, stop: int) -> torch.Tensor:
             chunks = []
-            for start in range(0, len(files), self.batch_size):
-                images = torch.stack(
-                    [
-                        load_image(self.images_dir / name, model_cfg.resolution)
-                        for name in files[start : start + self.batch_size]
-                    ]
-                )
-                with torch.no_grad():
-                    chunks.append(family.image_latents(pipe, images).float().cpu())
-            return {"latents": torch.cat(chunks)}
+            for first in range(start, stop, self.batch_size):
+                names = files[first : min(first + self.batch_size, stop)]
+                images = torch.stack([load_image(self.images_dir / name, model_cfg.resolution) for name in names])
+                chunks.append(family.image_latents(pipe, images).float().cpu())
+            return torch.cat(chunks)
 
-        return cached_tensors(cache_dir, "image-latents", parts, encode)["latents"]
+        return _latent_store("image-latents", parts, len(files), self.shard_rows, pipe, device, encode, cache_dir)
+
+    def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
+        """`latent_store`, loaded whole (for small sets)."""
+        return self.latent_store(pipe, family, model_cfg, None, cache_dir, seed).load()["latents"]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
@@ -144,16 +190,18 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 
 class ConditionedLatents(Dataset):
-    """Rows of (conditioning tensors, clean latents), as dicts of tensors."""
+    """Rows of (conditioning tensors, clean latents), as dicts of tensors, read lazily from the two stores:
+    a rank (or DataLoader worker) holds only the rows it is batching, whatever the size of the prompt set."""
 
-    def __init__(self, cond: dict[str, torch.Tensor], latents: torch.Tensor) -> None:
-        sizes = {len(v) for v in cond.values()} | {len(latents)}
-        if len(sizes) != 1:
-            raise ValueError(f"conditioning and latents disagree on the number of rows: {sorted(sizes)}")
-        self.cond, self.latents = cond, latents
+    def __init__(self, conditioning: ShardedStore, latents: ShardedStore) -> None:
+        if len(conditioning) != len(latents):
+            raise ValueError(
+                f"conditioning and latents disagree on the number of rows: {len(conditioning)} != {len(latents)}"
+            )
+        self.conditioning, self.latents = conditioning, latents
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {**{k: v[index] for k, v in self.cond.items()}, "latents": self.latents[index]}
+        return {**self.conditioning[index], "latents": self.latents[index]["latents"]}

@@ -21,13 +21,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fraqat_cli.cache import atomic_write, cache_key
+from fraqat_cli.checkpointing import StudentCheckpoint
 from fraqat_cli.conditioning import prompt_conditioning, select
 from fraqat_cli.eval_targets import EvalTarget
 from fraqat_cli.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.metrics import fid_from_features, folder_features, kid_from_features, stability_warning
 from fraqat_cli.models import load_pipeline, model_identity
 from fraqat_cli.sampling import generate, image_grid
-from fraqat_cli.student import restore_student
+from fraqat_cli.student import model_skeleton, rebuild_student
 
 IMAGE_NAME = "{:05d}.png"
 
@@ -59,10 +60,15 @@ def ensure_images(
     return files
 
 
-def load_student(target: EvalTarget, teacher: torch.nn.Module) -> torch.nn.Module:
-    """Rebuild the quantized student from its checkpoint (same layers, weights and bit-widths), in the
-    teacher's inference dtype."""
-    return restore_student(target.config, target.state, teacher).to(next(teacher.parameters()).dtype)
+def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.device | str | None = None
+                 ) -> torch.nn.Module:
+    """The student of `target.checkpoint`, in `teacher`'s inference dtype, on `device` (default: the
+    teacher's), its quantized weights those it trained with (`rebuild_student(bake=True)`). `teacher` may be
+    a skeleton (`model_skeleton`): only its structure and dtype are used."""
+    first = next(teacher.parameters())
+    device = device or (first.device if not first.is_meta else "cpu")
+    return rebuild_student(StudentCheckpoint.read(target.checkpoint), teacher, dtype=first.dtype, device=device,
+                           bake=True)
 
 
 class Evaluator:
@@ -105,7 +111,7 @@ class Evaluator:
         cfg, model_cfg = self.cfg, target.config.model
         started = time.time()
         family = instantiate(model_cfg.family)
-        cond, negative = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir)
+        cond, negative = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
         pipe = load_pipeline(model_cfg, without=family.text_parts).to(self.device)
         sampler = {"sampler": OmegaConf.to_container(model_cfg.sampler), "seeds": self.seeds, "prompts": self.prompts}
 
@@ -123,13 +129,15 @@ class Evaluator:
             key = cache_key(
                 {
                     "ckpt": str(target.checkpoint.resolve()),
-                    "step": target.state["global_step"],
+                    "step": target.step,
                     "model": model_identity(model_cfg),
                     **sampler,
                 }
             )
             out_dir = target.checkpoint.parent.parent / "eval" / key
-            pipe.transformer = load_student(target, pipe.transformer).to(self.device)
+            skeleton = model_skeleton(pipe.transformer)
+            pipe.transformer = None  # the teacher's weights go before the student's arrive
+            pipe.transformer = load_student(target, skeleton, self.device)
             files = ensure_images(
                 pipe,
                 family,

@@ -25,7 +25,11 @@ class DiTFamily:
 
     text_parts: tuple[str, ...] = ("tokenizer", "text_encoder")
 
-    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+    def encode_prompts(
+        self, pipe, prompts: list[str], max_sequence_length: int, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Conditioning of `prompts` (batch first) on `device`: where the text encoders are (the caller moves
+        them there), or the pipeline's own execution device when None."""
         raise NotImplementedError
 
     def transformer_kwargs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> dict:
@@ -53,12 +57,12 @@ class SanaFamily(DiTFamily):
     # Sana prepends a long "complex human instruction" to prompts by default; we encode the prompt alone.
     encode_kwargs = {"complex_human_instruction": None}
 
-    def encode_prompts(self, pipe, prompts, max_sequence_length):
+    def encode_prompts(self, pipe, prompts, max_sequence_length, device=None):
         embeds, mask, _, _ = pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
-            device=torch.device("cpu"),
+            device=device,
             **self.encode_kwargs,
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
@@ -86,14 +90,14 @@ class PixArtFamily(SanaFamily):
 class SD3Family(DiTFamily):
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
 
-    def encode_prompts(self, pipe, prompts, max_sequence_length):
+    def encode_prompts(self, pipe, prompts, max_sequence_length, device=None):
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompts,
             prompts,
             prompts,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
-            device=torch.device("cpu"),
+            device=device,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -111,9 +115,9 @@ class FluxFamily(DiTFamily):
 
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
-    def encode_prompts(self, pipe, prompts, max_sequence_length):
+    def encode_prompts(self, pipe, prompts, max_sequence_length, device=None):
         embeds, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, max_sequence_length=max_sequence_length, device=torch.device("cpu")
+            prompts, prompts, max_sequence_length=max_sequence_length, device=device
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 

@@ -45,9 +45,11 @@ def load_pipeline(model_cfg: DictConfig, without: tuple[str, ...] = ()):
         pipe = pipeline_cls(**parts)
     else:
         pipe = _from_pretrained(pipeline_cls, model_cfg, dtype, skipped)
-    for part in pipe.components.values():  # tiny twins come out float32: every model part in the config's dtype,
-        if isinstance(part, torch.nn.Module) and part.dtype != dtype:  # as from_pretrained(torch_dtype=) does
-            part.to(dtype)
+    for part in pipe.components.values():  # tiny twins come out float32 and in training mode: every model part
+        if isinstance(part, torch.nn.Module):  # in the config's dtype and in eval mode, as from_pretrained gives
+            part.eval()
+            if part.dtype != dtype:
+                part.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,6 +9,7 @@ offline prompt corpus.
 from __future__ import annotations
 
 from transformers import CLIPTokenizer, GemmaTokenizer, T5Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fraqat_cli.prompts import tokenizer_corpus
 
@@ -25,7 +26,13 @@ def t5_tokenizer(vocab_size: int = 200, model_max_length: int = 512) -> T5Tokeni
     return tok
 
 
-def clip_tokenizer(vocab_size: int = 300) -> CLIPTokenizer:
-    tok = CLIPTokenizer().train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
-    tok.model_max_length = 77  # pipelines slice to this; unset it overflows
-    return tok
+def clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's byte-level BPE with no merges: one token per byte (514 ids, start/end first).
+
+    Trained merges would be shorter, but the BPE trainer breaks ties in hash order, so each process
+    would tokenize differently; a fixed vocabulary keeps the tiny twins the same everywhere.
+    """
+    chars = list(bytes_to_unicode().values())
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[],
+                         model_max_length=77)  # pipelines slice to 77; unset it overflows

@@ -106,7 +106,7 @@ def tiny_clip(tmp_path):
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
                          pad_token_id=1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

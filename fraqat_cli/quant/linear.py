@@ -14,6 +14,11 @@ from fraqat_cli.quant.spec import PASS_THROUGH_BITS, QuantSpec, validate_bits
 CALIBRATION_STDS = 3.0
 
 
+def _stored_bits(bits: float | None) -> float:
+    """`bits` as its float32 buffer holds it, computed on the CPU: the buffer itself may be on the meta device."""
+    return float(torch.tensor(validate_bits(bits), dtype=torch.float32, device="cpu"))
+
+
 class FakeQuantizer(nn.Module):
     """One tensor's quantizer: a spec plus its current bit-width.
 
@@ -27,7 +32,7 @@ class FakeQuantizer(nn.Module):
         self.spec = spec
         self.clip_gradient = clip_gradient
         self.register_buffer("bits", torch.tensor(validate_bits(bits), dtype=torch.float32))
-        self._bits = float(self.bits)  # the stored (float32) value, so a reloaded layer computes the same
+        self._bits = _stored_bits(bits)  # the stored (float32) value, so a reloaded layer computes the same
 
     @property
     def current_bits(self) -> float:
@@ -35,7 +40,7 @@ class FakeQuantizer(nn.Module):
 
     def set_bits(self, bits: float | None) -> None:
         self.bits.fill_(validate_bits(bits))
-        self._bits = float(self.bits)
+        self._bits = _stored_bits(bits)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -149,7 +154,7 @@ class QuantLinear(nn.Linear):
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
-        return layer.to(linear.weight.device) if linear.weight.device.type != "meta" else layer
+        return layer.to(linear.weight.device)  # quantizer buffers join the weight, the meta device included
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
