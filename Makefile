@@ -32,8 +32,10 @@ export: install
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=safetensors
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx
 
+# Two workers, one per core (each test process runs torch on one thread); a test file stays on one worker,
+# so its module fixtures (a trained sweep, say) are built once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,13 @@
-"""Lightning callbacks: the bit schedule, and sample images from the student."""
+"""Lightning callbacks: the bit schedule, sample images from the student, and step time and memory."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from fraqat_cli.quant import set_weight_bits
 
@@ -56,3 +59,26 @@ class SampleImagesCallback(L.Callback):
         log_image = getattr(trainer.logger, "log_image", None)
         if log_image is not None:
             log_image(key="samples", images=[grid], step=step)
+
+
+class StepStats(L.Callback):
+    """Wall time of each training batch (forward, backward, optimizer; not the sample grids or checkpoints
+    that follow it) and the accelerator's peak memory: what a user sizing a real run needs to know."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self.durations.append(time.perf_counter() - self._started)
+
+    def summary(self) -> dict:
+        stats = {"seconds_per_batch": statistics.median(self.durations) if self.durations else None}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return stats

@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback
+    from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
     from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, checkpoint_sizes, resume_path
     from fraqat_cli.conditioning import conditioning_store
     from fraqat_cli.data import ConditionedLatents
@@ -109,7 +109,8 @@ def train(cfg: DictConfig) -> dict:
 
     # 4. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
     print(checkpoint_sizes(student))
-    callbacks = [BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, checkpoint_dir)]
+    stats = StepStats()
+    callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, checkpoint_dir)]
     if cfg.sample_every_n_steps > 0:
         make_grid = student_grid_maker(pipe, family, cfg.model, cond, negative, cfg.num_sample_images, cfg.seed)
         callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
@@ -138,6 +139,7 @@ def train(cfg: DictConfig) -> dict:
         "final_loss": float(trainer.callback_metrics.get("train/loss", last_loss)),
         "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
         "steps": int(trainer.global_step),
+        **stats.summary(),
         "checkpoint": str(checkpoint_dir / "last.ckpt"),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
