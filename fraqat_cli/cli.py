@@ -1,8 +1,11 @@
-"""What the entry points share: turn expected failures into one clear line and a non-zero exit."""
+"""What the entry points share: one clear line and a non-zero exit for expected failures, and a quiet console."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from hydra.errors import InstantiationException
@@ -44,3 +47,22 @@ def _message(error: BaseException) -> str:
         key = error.full_key or "a value"
         return f"{key} is required and has no default; give it on the command line, e.g. {key}=..."
     return str(error)
+
+
+def quiet_console() -> None:
+    """What a user reads is progress, results and where files went. Libraries' banners, tips and notices
+    about their own internals are silenced at their source; warnings about the user's run stay.
+    wandb logs offline unless WANDB_MODE says otherwise (never blocking on a login)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # device summary, seed, tips (logged twice under Hydra)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9
+    warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated")  # the shipped FID Inception's format
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # dtype-cast notices about tiny twins' float32 parts
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of small text encoders

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.cache import atomic_write
-from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
 from fraqat_cli.run_length import check_run_length, run_length
 from fraqat_cli.sweep import METRICS_FILE
 
@@ -159,15 +159,15 @@ def first_batches(dataset, batch_size: int, count: int) -> list[dict]:
 
 
 def make_logger(cfg: DictConfig, run_dir: Path):
-    """The configured Lightning logger; wandb runs offline unless WANDB_MODE says otherwise."""
+    """The configured Lightning logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
     if not cfg.logger:
         return False
-    os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login
     return instantiate(cfg.logger, save_dir=str(run_dir))
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
         print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
