@@ -15,8 +15,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,30 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from fraqat_cli.checks import positive_int
+from fraqat_cli.files import atomic_write
+
 
 def cache_key(parts: dict) -> str:
     """A stable hash of JSON-able parts (configs, prompt lists, seeds)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` and move the result over `path` only once it is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result should not be
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cached_tensors(directory: str | Path, kind: str, parts: dict, compute: Callable[[], dict]) -> dict:
@@ -100,8 +81,7 @@ def sharded_tensors(
     `finish()` runs after any computation (to free the models that did it). The index is written last:
     a store with an index is complete.
     """
-    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard rows must be a positive integer; got {shard_rows!r}")
+    positive_int("shard rows", shard_rows)
     folder = Path(directory).expanduser() / f"{kind}-{cache_key(parts)}"
     if ShardedStore.is_complete(folder):
         return ShardedStore(folder)

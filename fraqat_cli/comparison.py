@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.files import atomic_write
 
 BASELINE = "standard"
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
+from fraqat_cli.checks import positive_int
 from fraqat_cli.models import DENOISER_PARTS, load_pipeline, model_identity
 
 
@@ -33,8 +34,7 @@ def encode_device(device: str | torch.device | None = None) -> torch.device:
 
 def _batch_size(model_cfg: DictConfig) -> int:
     size = model_cfg.get("encode_batch_size", 64)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"model.encode_batch_size must be a positive integer; got {size!r}")
+    positive_int("model.encode_batch_size", size)
     return size
 
 

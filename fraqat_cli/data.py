@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
+from fraqat_cli.checks import positive_int
 from fraqat_cli.conditioning import encode_device, select
 from fraqat_cli.models import model_identity
 from fraqat_cli.prompt_sets import coco_caption_pairs
@@ -26,9 +27,7 @@ from fraqat_cli.sampling import generate
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"data.{name} must be a positive integer; got {value!r}")
-    return value
+    return positive_int(f"data.{name}", value)
 
 
 # Rows per latent shard: 256 SD3.5 latents (16 x 64 x 64 float32) are 64 MB; an interrupted

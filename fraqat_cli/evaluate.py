@@ -18,8 +18,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.checks import positive_int
 from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
+from fraqat_cli.files import atomic_write
 
 CSV_COLUMNS = (
     "label",
@@ -52,8 +53,7 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.reference_dir and not Path(str(cfg.reference_dir)).expanduser().is_dir():
         raise FileNotFoundError(f"reference_dir={cfg.reference_dir!r} is not a folder of reference images")
     for name in ("batch_size", "grid_size"):
-        if not isinstance(cfg[name], int) or cfg[name] < 1:
-            raise ValueError(f"{name} must be a positive integer; got {cfg[name]!r}")
+        positive_int(name, cfg[name])
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:

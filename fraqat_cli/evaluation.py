@@ -134,7 +134,7 @@ class Evaluator:
                     **sampler,
                 }
             )
-            out_dir = target.checkpoint.parent.parent / "eval" / key
+            out_dir = StudentCheckpoint.run_folder(target.checkpoint) / "eval" / key
             skeleton = model_skeleton(pipe.transformer)
             pipe.transformer = None  # the teacher's weights go before the student's arrive
             pipe.transformer = load_student(target, skeleton, self.device)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fraqat_cli.cache import atomic_write, cache_key
+from fraqat_cli.cache import cache_key
+from fraqat_cli.files import atomic_write
 from fraqat_cli.shapes import RESOLUTION, VERSION, Scene, attribute_accuracies, render
 
 

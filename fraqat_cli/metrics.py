@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.files import atomic_write
 
 # FID's covariance is 2048 x 2048: with fewer images than features it is singular and the
 # figure swings from one draw of images to the next.

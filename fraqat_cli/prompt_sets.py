@@ -10,13 +10,13 @@ import json
 import random
 from pathlib import Path
 
+from fraqat_cli.checks import positive_int
 from fraqat_cli.prompts import offline_captions, read_prompt_file
 from fraqat_cli.shapes import Scene, sample_scenes
 
 
 def _count(count) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"prompts.count must be a positive integer; got {count!r}")
+    positive_int("prompts.count", count)
     return count
 
 

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from fraqat_cli.quant import DEFAULT_INCLUDE, QuantConfig, QuantSpec
 
 
-def build_quant_config(quantizer: Mapping, selection: Mapping | None = None, weight_bits: float | None = 8) -> QuantConfig:
+def build_quant_config(
+    quantizer: Mapping, selection: Mapping | None = None, weight_bits: float | None = 8
+) -> QuantConfig:
     """`quantizer` says how (granularity, symmetry, rounding, activations); `selection` says which layers
     (include/exclude patterns; None: the transformer blocks)."""
     selection = selection or {}

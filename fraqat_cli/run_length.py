@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from fraqat_cli.checks import positive_int, positive_number
+
 
 @dataclass(frozen=True)
 class RunLength:
@@ -36,18 +38,12 @@ class RunLength:
         return f"{batch}; {self.epochs:g} epochs of {self.samples:,} samples = {self.steps:,} steps"
 
 
-def _positive(name: str, value, kind=int):
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ValueError(f"{name} must be a positive {'number' if kind is float else 'integer'} or null; got {value!r}")
-    return value
-
-
 def check_run_length(cfg: DictConfig) -> None:
     """The settings alone, before any model is built (divisibility needs the device count: `run_length`)."""
     if cfg.get("global_batch_size") is not None:
-        _positive("global_batch_size", cfg.global_batch_size)
+        positive_int("global_batch_size", cfg.global_batch_size, or_null=True)
     if cfg.get("epochs") is not None:
-        _positive("epochs", cfg.epochs, float)
+        positive_number("epochs", cfg.epochs, or_null=True)
 
 
 def run_length(cfg: DictConfig, devices: int, samples: int) -> RunLength:
@@ -55,7 +51,7 @@ def run_length(cfg: DictConfig, devices: int, samples: int) -> RunLength:
     per_device = cfg.data.batch_size
     accumulation = cfg.trainer.accumulate_grad_batches
     if cfg.get("global_batch_size") is not None:
-        target = _positive("global_batch_size", cfg.global_batch_size)
+        target = positive_int("global_batch_size", cfg.global_batch_size, or_null=True)
         per_step = devices * per_device
         if target % per_step:
             raise ValueError(
@@ -66,6 +62,6 @@ def run_length(cfg: DictConfig, devices: int, samples: int) -> RunLength:
     epochs = cfg.get("epochs")
     steps = cfg.trainer.max_steps
     if epochs is not None:
-        epochs = _positive("epochs", epochs, float)
+        epochs = positive_number("epochs", epochs, or_null=True)
         steps = max(1, math.ceil(epochs * samples / (devices * per_device * accumulation)))
     return RunLength(devices, per_device, accumulation, samples, steps, epochs)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.files import atomic_write
 
 METRICS_FILE = "metrics.json"
 COLUMNS = ("job", "overrides", "final_loss", "final_bits", "steps", "checkpoint")

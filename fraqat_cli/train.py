@@ -15,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.files import atomic_write
 from fraqat_cli.run_length import check_run_length, run_length
 from fraqat_cli.sweep import METRICS_FILE
 
@@ -38,19 +39,14 @@ def job_overrides() -> list[str]:
 
 def check_numbers(cfg: DictConfig) -> None:
     """Reject nonsense before any model is built."""
-    steps = cfg.trainer.max_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"trainer.max_steps must be a positive integer; got {steps!r}")
-    if not (isinstance(cfg.optim.lr, (int, float)) and cfg.optim.lr > 0):
-        raise ValueError(f"optim.lr must be a positive number; got {cfg.optim.lr!r}")
+    positive_int("trainer.max_steps", cfg.trainer.max_steps)
+    positive_number("optim.lr", cfg.optim.lr)
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
-    if cfg.checkpoint_every_n_steps < 1:
-        raise ValueError(f"checkpoint_every_n_steps must be a positive integer; got {cfg.checkpoint_every_n_steps!r}")
+    positive_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
     check_run_length(cfg)
-    count = cfg.quantizer.calibration_batches
-    if cfg.quantizer.static_activations and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(f"quantizer.calibration_batches must be a positive integer; got {count!r}")
+    if cfg.quantizer.static_activations:
+        positive_int("quantizer.calibration_batches", cfg.quantizer.calibration_batches)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -147,5 +147,5 @@ def test_coco_data_trains_from_captions_and_vae_latents(tmp_path, monkeypatch):
                         f"cache_dir={tmp_path}/cache")
     metrics = train(cfg)
     assert metrics["steps"] == 2
-    assert len(list((tmp_path / "cache").glob("image-latents-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("image-latents-*/index.json"))) == 1  # one complete sharded entry
     assert (tmp_path / "samples" / "step_000001.png").is_file()
