@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -32,9 +33,9 @@ def check_settings(cfg: DictConfig) -> None:
 
 def checkpoint_file(ckpt) -> Path:
     """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
-    from fraqat_cli.eval_targets import checkpoints_in
+    from fraqat_cli.checkpointing import StudentCheckpoint
 
-    files, sweep = checkpoints_in(Path(str(ckpt)).expanduser())
+    files, sweep = StudentCheckpoint.locate(ckpt)
     if sweep is not None:
         raise ValueError(f"ckpt={str(ckpt)!r} is a sweep folder of {len(files)} runs; export one run at a time, "
                          f"e.g. ckpt={files[0].parent.parent}")
@@ -42,8 +43,11 @@ def checkpoint_file(ckpt) -> Path:
 
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run_dir / "export" / f"student{FORMATS[fmt]}"
+    """<run>/export/student.<suffix> for last.ckpt; student-step-NNNNNN.<suffix> for a step checkpoint."""
+    from fraqat_cli.checkpointing import LAST, StudentCheckpoint
+
+    name = "student" if checkpoint.name == LAST else f"student-{checkpoint.stem}"
+    return StudentCheckpoint.run_folder(checkpoint) / "export" / f"{name}{FORMATS[fmt]}"
 
 
 def report_path(out: Path) -> Path:
@@ -52,44 +56,65 @@ def report_path(out: Path) -> Path:
 
 
 def export(cfg: DictConfig) -> dict:
+    """Check, write and report, holding one model at a time: the student (its float32 weights mapped from
+    the checkpoint, not copied) while writing, then only the written file while checking it."""
     from hydra.utils import instantiate
 
     from fraqat_cli.cache import atomic_write
-    from fraqat_cli.deployable import deployable_layers, layer_record
-    from fraqat_cli.eval_targets import checkpoint_target
+    from fraqat_cli.checkpointing import StudentCheckpoint
     from fraqat_cli.export_example import example_inputs
     from fraqat_cli.models import load_pipeline
-    from fraqat_cli.student import restore_student
+    from fraqat_cli.student import model_skeleton
 
     # 1. Everything named must exist and make sense before a model is built.
     check_settings(cfg)
     checkpoint = checkpoint_file(cfg.ckpt)
-    target = checkpoint_target(checkpoint, None, None)
+    stored = StudentCheckpoint.read(checkpoint)
     out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
     if out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
-    model_cfg = target.config.model
+    model_cfg = stored.config.model
     family = instantiate(model_cfg.family)
+    info = {"model": model_cfg.name, "schedule": stored.config.schedule.name,
+            "granularity": stored.config.quantizer.granularity, "checkpoint": str(checkpoint), "step": stored.step}
 
-    # 2. The student as trained (float32 master weights), and example inputs to trace and check with.
+    # 2. Example inputs to trace and check with, and the transformer's structure (the teacher's weights go).
     pipe = load_pipeline(model_cfg, without=family.text_parts)
-    student = restore_student(target.config, target.state, pipe.transformer)
-    source = f"checkpoint {str(checkpoint)!r}"
-    layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
     example = example_inputs(model_cfg, pipe, cfg.example, cfg.cache_dir)
-    info = {"model": model_cfg.name, "schedule": target.config.schedule.name,
-            "granularity": target.config.quantizer.granularity, "checkpoint": str(checkpoint),
-            "step": target.state.get("global_step")}
+    skeleton = model_skeleton(pipe.transformer)
+    del pipe
 
-    # 3. Write into a staging folder beside the target, check, and only then move into place.
+    # 3. The student as trained (float32 master weights mapped from the checkpoint), refused if it cannot
+    #    deploy, and its output on the example: what the written file must reproduce.
+    source = f"checkpoint {str(checkpoint)!r}"
+    student, layers, expected = trained_student(stored, skeleton, family, example, source)
+
+    # 4. Write into a staging folder beside the target, check, and only then move into place.
     with staging(out) as staged:
         report = write_format(cfg.format, student, family, example, staged, info, source)
+        del student, stored  # the checkpoint's mapping closes: the check holds only the file it reloads
+        gc.collect()
         report.update(info, format=cfg.format, file=str(out), layers=layers)
         if cfg.check:
-            report["check"] = check_export(cfg, student, family, example, staged)
+            report["check"] = check_export(cfg, expected, family, example, staged)
     atomic_write(report_path(out), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
     print_report(report)
     return report
+
+
+def trained_student(stored, skeleton, family, example: dict, source: str):
+    """(student, its deployable layers' records, its output on `example`); ValueError when it cannot deploy."""
+    import torch
+
+    from fraqat_cli.deployable import deployable_layers, layer_record
+    from fraqat_cli.export_example import student_prediction
+    from fraqat_cli.student import rebuild_student
+
+    student = rebuild_student(stored, skeleton)
+    layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
+    with torch.no_grad():
+        expected = student_prediction(student, family, example)
+    return student, layers, expected
 
 
 @contextmanager
@@ -124,15 +149,14 @@ def write_format(fmt: str, student, family, example: dict, path: Path, info: dic
     return report
 
 
-def check_export(cfg: DictConfig, student, family, example: dict, path: Path) -> dict:
-    """Run the written file (reloaded, or in onnxruntime) and the PyTorch student on `example`; ValueError
-    when they differ by more than the format's tolerance."""
+def check_export(cfg: DictConfig, expected, family, example: dict, path: Path) -> dict:
+    """Run the written file (reloaded, or in onnxruntime) on `example`; ValueError when it differs from the
+    student's output `expected` by more than the format's tolerance."""
     import torch
 
     from fraqat_cli.export_example import relative_difference, student_prediction
 
     with torch.no_grad():
-        expected = student_prediction(student, family, example)
         if cfg.format == "safetensors":
             from fraqat_cli.packed import load_packed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,28 +153,53 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load_packed(path: Path | str) -> PackedStudent:
     """Rebuild the transformer from an `export_packed` file: codes dequantized exactly, activations
-    fake-quantized as in training."""
-    from safetensors.torch import load_file
+    fake-quantized as in training. Tensors are read from the file one at a time into a model built without
+    weights, so the peak is the float32 model itself."""
+    from safetensors import safe_open
 
     metadata = read_metadata(Path(path))
     module, _, name = metadata["transformer_class"].rpartition(".")
-    model = getattr(importlib.import_module(module), name).from_config(json.loads(metadata["transformer_config"]))
+    with parameters_on_meta():
+        model = getattr(importlib.import_module(module), name).from_config(json.loads(metadata["transformer_config"]))
     records = json.loads(metadata["layers"])
-    tensors = load_file(str(Path(path).expanduser()))
-    state = {k: v for k, v in tensors.items() if not k.endswith((".weight.codes", ".weight.scale", ".weight.offset"))}
-    for layer_name, record in records.items():
-        spec = QuantSpec(record["granularity"], record["group_size"], record["symmetric"], record["rounding"])
-        codes = unpack_codes(tensors[f"{layer_name}.weight.codes"], record["bits"], spec.symmetric,
-                             tuple(record["shape"]))
-        state[f"{layer_name}.weight"] = dequantize_codes(
-            codes, tensors[f"{layer_name}.weight.scale"], tensors.get(f"{layer_name}.weight.offset"), spec)
-        _swap_in(model, layer_name, record)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not QUANTIZER_PARTS & set(k.split("."))]
+    state = {}
+    with safe_open(str(Path(path).expanduser()), "pt") as f:
+        for key in f.keys():
+            if not key.endswith((".weight.codes", ".weight.scale", ".weight.offset")):
+                state[key] = f.get_tensor(key)
+        for layer_name, record in records.items():
+            spec = QuantSpec(record["granularity"], record["group_size"], record["symmetric"], record["rounding"])
+            codes = unpack_codes(f.get_tensor(f"{layer_name}.weight.codes"), record["bits"], spec.symmetric,
+                                 tuple(record["shape"]))
+            offset = f.get_tensor(f"{layer_name}.weight.offset") if not spec.symmetric else None
+            state[f"{layer_name}.weight"] = dequantize_codes(codes, f.get_tensor(f"{layer_name}.weight.scale"),
+                                                             offset, spec)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{str(path)!r} does not match {metadata['transformer_class']}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for layer_name, record in records.items():
+        _swap_in(model, layer_name, record)
     return PackedStudent(model.eval(), records, json.loads(metadata.get("info", "{}")))
+
+
+@contextmanager
+def parameters_on_meta():
+    """Build modules whose parameters live on the meta device (no memory, initialisation a no-op) while
+    buffers are made as usual: tables computed at construction (positional embeddings), which no file
+    holds, stay real. The trick accelerate's `init_empty_weights` uses; accelerate is not a dependency."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _swap_in(model: nn.Module, name: str, record: dict) -> None:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fraqat_cli.checkpointing import StudentCheckpoint
+from fraqat_cli.checkpointing import StudentCheckpoint, release_pages
 from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizationSummary, QuantLinear, quantize_model
 from fraqat_cli.quantizer import build_quant_config
 
@@ -92,18 +92,28 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     quantizers = {f"{name}.{key}" for name, m in student.named_modules() if isinstance(m, FakeQuantizer)
                   for key, _ in m.named_buffers(recurse=False)}
     quantized = {f"{name}.weight": m for name, m in student.named_modules() if isinstance(m, QuantLinear)}
+    release = bake and checkpoint.mapped  # the student gets its own copies: the file's pages go as read
     state = {}
     for key, tensor in checkpoint.state.items():
         if bake and key in quantized:
             state[key] = tensor  # baked below, one layer at a time, from the float32 master weight
-        elif key in quantizers or not tensor.is_floating_point():
-            state[key] = tensor.to(device)
+            continue
+        if key in quantizers or not tensor.is_floating_point():
+            value = tensor.to(device)
         else:
-            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
+            value = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if release:
+            value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
+            release_pages(tensor)
+        state[key] = value
+    wanted = student.state_dict(keep_vars=True)
+    missing, unexpected = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())
+    misshapen = sorted(k for k in wanted.keys() & state.keys() if wanted[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
         raise ValueError(f"checkpoint {str(checkpoint.path)!r} does not fit {type(skeleton).__name__} "
-                         f"built from its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                         f"built from its config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"of another shape {misshapen[:3]}")
+    student.load_state_dict(state, assign=True)
     for name, buffer in student.named_buffers():  # the non-persistent ones, as the training student had them
         if name not in state and not buffer.is_meta:
             owner, _, attr = name.rpartition(".")
@@ -113,9 +123,12 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     if bake:
         with torch.no_grad():
             for layer in quantized.values():
-                weight = layer.weight_quantizer(layer.weight.to(device=device, dtype=torch.float32))
+                master = layer.weight
+                weight = layer.weight_quantizer(master.to(device=device, dtype=torch.float32))
                 layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
                 layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
+                if release:
+                    release_pages(master)
     leftover = [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
     if leftover:
         raise ValueError(f"checkpoint {str(checkpoint.path)!r} leaves {leftover[:5]} of the student empty")

@@ -30,7 +30,7 @@ EXPORT_CONFIG = OmegaConf.load(CONF / "export.yaml")
 
 @pytest.mark.parametrize("granularity,group_size", [("per_tensor", None), ("per_channel", None), ("per_group", 16)])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("rounding", ["floor", "nearest"])
+@pytest.mark.parametrize("rounding", ["floor", "nearest", "nearest_int_range"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 12, 16])
 def test_codes_dequantize_to_exactly_the_fake_quantized_weight(granularity, group_size, symmetric, rounding, bits):
     spec = QuantSpec(granularity, group_size, symmetric, rounding)
@@ -225,6 +225,31 @@ def test_onnx_refuses_activations_it_cannot_express(families, tmp_path):
     with pytest.raises(ValueError, match="activation_rounding=nearest"):
         export_onnx(student, family, example, tmp_path / "s.onnx", {})
     assert not (tmp_path / "s.onnx").exists()
+
+
+@pytest.mark.parametrize("rounding, lowest", [("nearest", -127), ("nearest_int_range", -128)])
+def test_static_activations_past_their_range_saturate_in_the_graph_where_the_student_does(tmp_path, rounding, lowest):
+    """Below a calibrated symmetric range `nearest` stops at code -127 and `nearest_int_range` at int8's -128;
+    the whole-model check's tolerance cannot see one code, so one layer, exactly."""
+    from torch import nn
+
+    from fraqat_cli.onnx_export import OPSET, QDQLinear, run_onnxruntime
+    from fraqat_cli.quant import QuantLinear
+
+    layer = QuantLinear.from_linear(nn.Linear(4, 1, bias=False), weight_spec=QuantSpec("per_tensor"), weight_bits=8,
+                                    activation_spec=QuantSpec("per_tensor", rounding=rounding),
+                                    static_activations=True)
+    layer.input_quantizer.range_min.fill_(-1.0)
+    layer.input_quantizer.range_max.fill_(1.0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the output is the first input, dequantized
+    x = torch.tensor([[-1.5, 0.0, 0.0, 0.0], [1.5, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.0]])  # (3, 4)
+    torch.onnx.export(QDQLinear(layer, "layer").eval(), (x,), dynamo=True, opset_version=OPSET, input_names=["x"],
+                      verbose=False).save(str(tmp_path / "layer.onnx"))
+    with torch.no_grad():
+        expected = layer(x)
+    assert (expected[0] * 127).round().item() == lowest
+    assert torch.equal(run_onnxruntime(tmp_path / "layer.onnx", {"x": x}), expected)
 
 
 def test_int4_codes_in_the_graph_are_the_exported_codes(families, tmp_path):

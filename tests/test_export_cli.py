@@ -76,7 +76,6 @@ def edited_checkpoint(run_dir: Path, folder: Path, bits: float) -> Path:
     for key in state["state_dict"]:
         if key.endswith("weight_quantizer.bits"):
             state["state_dict"][key].fill_(bits)
-    state["fraqat"]["weight_bits"] = [bits]
     (folder / "checkpoints").mkdir(parents=True)
     torch.save(state, folder / "checkpoints" / "last.ckpt")
     return folder

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, bits_by_step, cli_env, fraqat_train, train_command, train_sweep
 
-from fraqat_cli.checkpointing import load_checkpoint
+from fraqat_cli.checkpointing import StudentCheckpoint, load_checkpoint
 
 FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
 
@@ -33,7 +33,7 @@ def test_every_tiny_family_trains_and_writes_a_loadable_checkpoint(family_sweep)
         metrics = json.loads((job / "metrics.json").read_text())
         checkpoint = load_checkpoint(metrics["checkpoint"])  # weights_only: no arbitrary unpickling
         assert checkpoint["global_step"] == 4
-        assert checkpoint["fraqat"]["weight_bits"] == [4.0]
+        assert StudentCheckpoint.read(metrics["checkpoint"]).bits == (4.0,)  # from the quantizer buffers
         assert checkpoint["fraqat"]["config"]["model"]["name"] in FAMILIES
         assert any(k.endswith("weight_quantizer.bits") for k in checkpoint["state_dict"])
         assert not any(k.startswith("teacher") or "._teacher" in k for k in checkpoint["state_dict"])
