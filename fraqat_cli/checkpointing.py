@@ -233,6 +233,9 @@ def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback
             dirpath=checkpoint_dir, filename=STEP_FILENAME, auto_insert_metric_name=False, every_n_train_steps=every,
             monitor="step", mode="max", save_top_k=cfg.keep_checkpoints,
             save_weights_only=not cfg.checkpoint_optimizer,
+            # A run killed between a step file and last.ckpt resumes before that step and writes it again:
+            # the new file replaces the old one instead of appearing beside it as step-NNNNNN-v1.ckpt.
+            enable_version_counter=False,
         ))
     callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=every, save_last=True, save_top_k=0))
     callbacks.append(FinalCheckpoint(checkpoint_dir / LAST, every))

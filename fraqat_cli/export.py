@@ -76,7 +76,8 @@ def export(cfg: DictConfig) -> dict:
     model_cfg = stored.config.model
     family = instantiate(model_cfg.family)
     info = {"model": model_cfg.name, "schedule": stored.config.schedule.name,
-            "granularity": stored.config.quantizer.granularity, "checkpoint": str(checkpoint), "step": stored.step}
+            "granularity": stored.config.quantizer.granularity, "checkpoint": str(checkpoint), "step": stored.step,
+            "teacher_dtype": model_cfg.dtype}
 
     # 2. Example inputs to trace and check with, and the transformer's structure (the teacher's weights go).
     pipe = load_pipeline(model_cfg, without=family.text_parts)

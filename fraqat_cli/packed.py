@@ -178,9 +178,24 @@ def load_packed(path: Path | str) -> PackedStudent:
     if missing or unexpected:
         raise ValueError(f"{str(path)!r} does not match {metadata['transformer_class']}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    info = json.loads(metadata.get("info", "{}"))
+    _round_tables_as_trained(model, state.keys(), info.get("teacher_dtype"))
     for layer_name, record in records.items():
         _swap_in(model, layer_name, record)
-    return PackedStudent(model.eval(), records, json.loads(metadata.get("info", "{}")))
+    return PackedStudent(model.eval(), records, info)
+
+
+def _round_tables_as_trained(model: nn.Module, stored, teacher_dtype: str | None) -> None:
+    """Tables computed at construction (positional embeddings: no file holds them) as the student had them.
+    The student was copied from a teacher in `teacher_dtype`, so its tables passed through that dtype once;
+    a freshly built float32 table would differ by that rounding (1e-3 relative for a bf16 PixArt)."""
+    dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
+    if dtype is None or dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name not in stored and buffer.is_floating_point() and buffer.dtype == torch.float32:
+                buffer.copy_(buffer.to(dtype).to(torch.float32))
 
 
 @contextmanager

@@ -39,12 +39,15 @@ def job_overrides() -> list[str]:
 
 def check_numbers(cfg: DictConfig) -> None:
     """Reject nonsense before any model is built."""
+    from fraqat_cli.checkpointing import check_checkpoint_settings
+
     positive_int("trainer.max_steps", cfg.trainer.max_steps)
     positive_number("optim.lr", cfg.optim.lr)
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
     positive_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
     check_run_length(cfg)
+    check_checkpoint_settings(cfg)
     if cfg.quantizer.static_activations:
         positive_int("quantizer.calibration_batches", cfg.quantizer.calibration_batches)
 
