@@ -38,6 +38,8 @@ def comparison_table(results: list[dict]) -> str:
             + (f"{_fmt(r.get('fid_val'))} | {_fmt(r.get('attribute_accuracy'))} | " if ground_truth else "")
             + f"{gap} |"
         )
+    lines.append("\nKID is clean-fid's unbiased estimate: two sets closer than its sampling noise can score "
+                 "slightly below 0.")
     return "\n".join(lines) + "\n"
 
 

@@ -181,7 +181,10 @@ class Evaluator:
 
         cfg, results = self.cfg, {}
         features = self.features(files[0].parent, files)
-        if cfg.reference == "teacher":
+        if cfg.reference == "teacher" and files == teacher_files:
+            count = len(files)
+            results["fid"] = results["kid"] = 0.0  # the teacher against its own images: zero by construction
+        elif cfg.reference == "teacher":
             reference, count = self.features(teacher_dir, teacher_files), len(teacher_files)
             results["fid"] = fid_from_features(features, reference)
             results["kid"] = kid_from_features(features, reference)

@@ -34,14 +34,31 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_from_features(features: np.ndarray, reference: np.ndarray | tuple) -> float:
-    """FID between features and reference features (or reference (mu, sigma))."""
+    """FID between features and reference features (or reference (mu, sigma)).
+
+    With both feature sets in hand and fewer images than feature dimensions (the usual case below 2048
+    images), the trace of sqrtm(sigma1 sigma2) is computed exactly as the sum of the singular values of
+    A1 A2^T (sigma = A^T A, A the centred features / sqrt(n - 1)): the nonzero eigenvalues of
+    sigma1 sigma2 are those of (A1 A2^T)(A1 A2^T)^T. That agrees with clean-fid's sqrtm to ~1e-6
+    (relative) and takes milliseconds instead of its ~20 s single-threaded 2048 x 2048 square root.
+    """
     from cleanfid import fid
 
+    if not isinstance(reference, tuple) and max(len(features), len(reference)) <= features.shape[1]:
+        return _low_rank_fid(features, reference)
     mu, sigma = feature_stats(features)
     ref_mu, ref_sigma = reference if isinstance(reference, tuple) else feature_stats(reference)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's singular-matrix warnings; we warn once about the count instead
         return float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+
+
+def _low_rank_fid(features: np.ndarray, reference: np.ndarray) -> float:
+    a, b = (np.asarray(x, dtype=np.float64) for x in (features, reference))
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    a_c, b_c = (a - mu_a) / np.sqrt(len(a) - 1), (b - mu_b) / np.sqrt(len(b) - 1)  # sigma = x_c^T x_c
+    trace_sqrt = np.linalg.svd(a_c @ b_c.T, compute_uv=False).sum()
+    return float(np.sum((mu_a - mu_b) ** 2) + np.sum(a_c**2) + np.sum(b_c**2) - 2 * trace_sqrt)
 
 
 def kid_from_features(features: np.ndarray, reference: np.ndarray) -> float:

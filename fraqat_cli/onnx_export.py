@@ -43,12 +43,15 @@ class QDQLinear(nn.Module):
         super().__init__()
         record = layer_record(layer)
         act, spec = record["activation"], layer.weight_quantizer.spec
+        # QuantizeLinear rounds to nearest and saturates at int8/uint8's own bounds: `nearest` (clipped to the narrow
+        # range first, below) and `nearest_int_range` (whose 8-bit bounds those are); `floor` has no QDQ form.
         if act["bits"] is not None and (act["bits"] != 8 or act["granularity"] != "per_tensor"
-                                        or act["rounding"] != "nearest"):
+                                        or act["rounding"] not in ("nearest", "nearest_int_range")):
             raise ValueError(
                 f"{name}: activations at {act['bits']} bits, {act['granularity']}, rounding {act['rounding']} have "
                 f"no QDQ form; ONNX export takes 8-bit per_tensor activations rounded to nearest "
-                f"(quantizer.activation_bits=8, activation_granularity=per_tensor, activation_rounding=nearest)")
+                f"(quantizer.activation_bits=8, activation_granularity=per_tensor, "
+                f"activation_rounding=nearest or nearest_int_range)")
         self.record, self.spec = record, spec
         codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
         code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
@@ -85,8 +88,8 @@ class QDQLinear(nn.Module):
         symmetric = act["symmetric"]
         if self.act_scale is not None:
             scale, low = self.act_scale, self.act_low
-            if symmetric:  # int8 saturates at -128; the narrow range stops at -127 (a static range can be exceeded)
-                x = x.clamp(-self.act_bound, self.act_bound)
+            if symmetric and act["rounding"] == "nearest":  # int8 saturates at -128; `nearest` stops at -127
+                x = x.clamp(-self.act_bound, self.act_bound)  # (a static range can be exceeded)
         elif symmetric:
             dims = tuple(range(x.dim()))
             scale, low = x.abs().amax(dim=dims).clamp_min(_TINY) / 127, None

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from fraqat_cli.quant import QuantSpec, code_range, fake_quantize, validate_bits
+from fraqat_cli.quant.fake_quant import quantize_to_codes
+from fraqat_cli.quant.spec import ROUNDINGS
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -26,8 +28,11 @@ QUARTER_BIT_GRID = [8 - 0.25 * i for i in range(25)]
 
 
 def naive_fake_quantize(x, bits, granularity, group_size, symmetric, rounding):
-    """Round-and-clamp written from the paper's formulas, one scale (one row of `rows`) at a time; integer bits."""
-    assert bits == int(bits)
+    """Round-and-clamp written from the paper's formulas, one scale (one row of `rows`) at a time, clamped to
+    the b-bit integer range (asymmetric: every integer below 2^b): at integer bits for every rounding (the
+    narrow grid never reaches the bounds' difference), at any bits for `nearest_int_range`, whose definition
+    this clamp is."""
+    assert bits == int(bits) or rounding == "nearest_int_range"
     if granularity == "per_tensor":
         rows = x.reshape(1, -1)
     elif granularity == "per_channel":
@@ -39,13 +44,13 @@ def naive_fake_quantize(x, bits, granularity, group_size, symmetric, rounding):
     for i, row in enumerate(rows):
         if symmetric:
             levels = 2.0 ** (bits - 1) - 1
-            lowest, highest = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            lowest, highest = -math.floor(2 ** (bits - 1)), math.floor(2 ** (bits - 1)) - 1
             span = row.abs().max()
             codes = round_(row / span * levels).clamp(lowest, highest)
             out[i] = codes * (span / levels)
         else:
             levels = 2.0**bits
-            lowest, highest = 0, 2**bits - 1
+            lowest, highest = 0, math.ceil(2**bits) - 1
             low = row.min()
             span = row.max() - low
             codes = round_((row - low) / span * levels).clamp(lowest, highest)
@@ -57,7 +62,7 @@ def naive_fake_quantize(x, bits, granularity, group_size, symmetric, rounding):
 # Independent reference at integer bits
 
 
-@pytest.mark.parametrize("rounding", ["floor", "nearest"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"{b}bit")
 @pytest.mark.parametrize(
@@ -116,7 +121,7 @@ def test_codes_at_integer_bits_stay_in_the_int_range_on_the_narrow_grid(bits):
     assert (codes.min().item(), codes.max().item()) == (-levels, levels)
 
 
-@pytest.mark.parametrize("rounding", ["floor", "nearest"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 @pytest.mark.parametrize(
     "granularity, group_size",
@@ -143,6 +148,83 @@ def test_fractional_bits_lie_between_neighbours(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The third reading: round to nearest, clamp to the b-bit integer range (`nearest_int_range`)
+
+
+@pytest.mark.parametrize(
+    "bits, lowest, highest", [(6, -32, 31), (5.5, -22, 21), (5, -16, 15)], ids=["INT6", "INT5.5", "INT5"]
+)
+def test_nearest_int_range_bounds_are_the_papers_three_ranges(bits, lowest, highest):
+    assert code_range(bits, symmetric=True, rounding="nearest_int_range") == (lowest, highest)
+
+
+def test_nearest_int_range_codes_at_five_and_a_half_bits_span_exactly_minus_22_to_21():
+    x = torch.linspace(-1, 1, 10001)
+    levels = 2.0**4.5 - 1
+    codes = (fake_quantize(x, 5.5, granularity="per_tensor", rounding="nearest_int_range") * levels).round()
+    assert (codes.min().item(), codes.max().item()) == (-22, 21)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("bits", [7.5, 5.5, 4.75, 4.25, 3.5, 2.5], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize(
+    "granularity, group_size",
+    [("per_tensor", None), ("per_channel", None), ("per_group", 8)],
+    ids=["per_tensor", "per_channel", "per_group8"],
+)
+def test_nearest_int_range_matches_naive_round_and_clamp_at_fractional_bits(granularity, group_size, bits, symmetric):
+    x = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(int(bits * 4)))  # (3, 4, 32)
+    got = fake_quantize(x, bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
+                        rounding="nearest_int_range")
+    want = naive_fake_quantize(x, bits, granularity, group_size, symmetric, "nearest_int_range")
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    bits=st.floats(2, 16),
+    spec=SPECS,
+    symmetric=st.booleans(),
+)
+def test_nearest_int_range_is_nearest_clamped_to_the_integer_range(seed, bits, spec, symmetric):
+    # Same rounding, tighter or equal clamp: codes equal nearest's wherever those fit the b-bit integer range,
+    # and sit on its bound where they do not; at integer bits the two are the same quantizer.
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))  # (8, 32)
+    nearest, scale, offset = quantize_to_codes(x, bits, QuantSpec(**spec, symmetric=symmetric, rounding="nearest"))
+    got, got_scale, got_offset = quantize_to_codes(
+        x, bits, QuantSpec(**spec, symmetric=symmetric, rounding="nearest_int_range")
+    )
+    lowest, highest = code_range(bits, symmetric, "nearest_int_range")
+    assert torch.equal(got, nearest.clamp(lowest, highest))
+    assert torch.equal(got_scale, scale) and (offset is None or torch.equal(got_offset, offset))
+    if bits == int(bits):
+        assert torch.equal(got, nearest)
+
+
+# The issue's numbers: a 256 x 256 N(0, 1) matrix at 4 bits, per tensor: floor's mean error -0.33 and RMS 0.377,
+# round-to-nearest's 0.001 and 0.188. The step is max|x| / 7, about 0.67; floor moves every value down by half
+# of it on average (uniform error in (-step, 0]), nearest spreads the error evenly around 0 (RMS step / sqrt(12)).
+@pytest.mark.parametrize("bits", [4, 4.25, 5.5], ids=lambda b: f"{b}bit")
+def test_round_to_nearest_readings_are_unbiased_and_halve_floors_rms_error(bits):
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    step = w.abs().max().item() / (2 ** (bits - 1) - 1)
+
+    def mean_and_rms(rounding):
+        error = fake_quantize(w, bits, granularity="per_tensor", rounding=rounding) - w
+        return error.mean().item(), error.square().mean().sqrt().item()
+
+    floor_mean, floor_rms = mean_and_rms("floor")
+    assert floor_mean == pytest.approx(-step / 2, rel=0.05)
+    assert floor_rms == pytest.approx(step / math.sqrt(3), rel=0.05)
+    for rounding in ("nearest", "nearest_int_range"):
+        mean, rms = mean_and_rms(rounding)
+        assert abs(mean) < 0.01 * step, f"{rounding}: mean error {mean:.4f}, step {step:.3f}"
+        assert rms == pytest.approx(step / math.sqrt(12), rel=0.05)
+        assert 0.45 < rms / floor_rms < 0.55
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Properties
 
 
@@ -154,7 +236,7 @@ def test_fractional_bits_lie_between_neighbours(
         elements=st.floats(-1e4, 1e4, width=32),
     ),
     bits=st.integers(2, 8),
-    rounding=st.sampled_from(["floor", "nearest"]),
+    rounding=st.sampled_from(ROUNDINGS),
 )
 def test_integer_bits_give_at_most_2_pow_b_levels_per_row(w, bits, rounding):
     out = fake_quantize(torch.from_numpy(w), bits, granularity="per_channel", symmetric=True, rounding=rounding)
@@ -181,7 +263,9 @@ def _mean_levels_per_scale(out, granularity, group_size):
 # level count the size of the code range and the error the step's, both monotone in b up to sampling noise
 # far below the gap between quarter bits. (Rows of very different scales under one per-tensor scale are not
 # dense near zero at low bits, and the asymmetric grid's phase there moves with b: not a fair test.)
-@pytest.mark.parametrize("rounding", ["floor", "nearest"])
+# nearest_int_range is held to it from 8 down to 3 bits: below, its clamp can cost more than the finer grid
+# gains (at 2.5 bits the top code is 1 where the grid reaches 1.83; see the test after this one).
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["narrow_symmetric", "wide_asymmetric"])
 # Phases without shrinking: a failure prints its 4 x 4096 example as drawn, at once.
 @settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -197,17 +281,34 @@ def test_levels_and_error_move_monotonically_as_bits_fall(symmetric, rounding, s
     granularity, group_size = spec
     g = torch.Generator().manual_seed(seed)
     w = (torch.rand(4, 4096, generator=g) * 2 - 1 + offset) * scale  # (4, 4096)
+    grid = [b for b in QUARTER_BIT_GRID if b >= 3 or rounding != "nearest_int_range"]
     levels, errors = [], []
-    for bits in QUARTER_BIT_GRID:
+    for bits in grid:
         out = fake_quantize(
             w, bits, granularity=granularity, group_size=group_size, symmetric=symmetric, rounding=rounding
         )
         levels.append(_mean_levels_per_scale(out, granularity, group_size))
         errors.append((out - w).square().mean().item())
-    for i in range(1, len(QUARTER_BIT_GRID)):
-        at = f"{QUARTER_BIT_GRID[i - 1]:g} -> {QUARTER_BIT_GRID[i]:g} bits"
+    for i in range(1, len(grid)):
+        at = f"{grid[i - 1]:g} -> {grid[i]:g} bits"
         assert levels[i] <= levels[i - 1], f"levels rose at {at}: {levels[i - 1]} -> {levels[i]}"
         assert errors[i] >= errors[i - 1] * (1 - 1e-6), f"error fell at {at}: {errors[i - 1]} -> {errors[i]}"
+
+
+@pytest.mark.parametrize(
+    "bits, nearest_top, clamped_top", [(5.5, 22, 21), (4.25, 9, 8), (2.5, 2, 1)], ids=["5.5", "4.25", "2.5"]
+)
+def test_nearest_int_range_clips_the_top_where_2_pow_b_minus_1_has_a_large_fraction(bits, nearest_top, clamped_top):
+    # The price of the signed range: the narrow grid reaches 2^(b-1) - 1 (21.63 at 5.5 bits), whose nearest code
+    # can exceed floor(2^(b-1)) - 1. The values that clip are those above (top - 0.5) / (2^(b-1) - 1) of max|x|:
+    # 0.6% of the range at 5.5 bits, 0.1% at 4.25, 18% at 2.5.
+    x = torch.linspace(-1, 1, 20001)  # max|x| = 1
+    levels = 2.0 ** (bits - 1) - 1
+    codes = {r: (fake_quantize(x, bits, granularity="per_tensor", rounding=r) * levels).round()
+             for r in ("nearest", "nearest_int_range")}
+    assert codes["nearest"].max().item() == nearest_top and codes["nearest_int_range"].max().item() == clamped_top
+    clipped = (codes["nearest"] != codes["nearest_int_range"]).float().mean().item() * 2  # share of [0, 1]
+    assert clipped == pytest.approx(1 - (clamped_top + 0.5) / levels, abs=1e-3)
 
 
 @settings(max_examples=40, deadline=None)
@@ -216,7 +317,7 @@ def test_levels_and_error_move_monotonically_as_bits_fall(symmetric, rounding, s
     bits=st.floats(2, 16),
     spec=SPECS,
     symmetric=st.booleans(),
-    rounding=st.sampled_from(["floor", "nearest"]),
+    rounding=st.sampled_from(ROUNDINGS),
 )
 def test_weight_gradient_passes_straight_through_everywhere(seed, bits, spec, symmetric, rounding):
     g = torch.Generator().manual_seed(seed)
@@ -227,12 +328,17 @@ def test_weight_gradient_passes_straight_through_everywhere(seed, bits, spec, sy
 
 
 def _grid(bits, symmetric, rounding, low, high):
-    """(lowest grid value, highest grid value, step) of a static range, from the paper's formulas."""
+    """(lowest grid value, highest grid value, step) of a static range, from the paper's formulas, or the signed
+    b-bit integer range for symmetric `nearest_int_range`."""
     if symmetric:
         span = max(abs(low), abs(high))
         levels = 2 ** (bits - 1) - 1
-        round_ = math.floor if rounding == "floor" else round
-        return round_(-levels) * span / levels, round_(levels) * span / levels, span / levels
+        if rounding == "nearest_int_range":
+            lowest, highest = -math.floor(2 ** (bits - 1)), math.floor(2 ** (bits - 1)) - 1
+        else:
+            round_ = math.floor if rounding == "floor" else round
+            lowest, highest = round_(-levels), round_(levels)
+        return lowest * span / levels, highest * span / levels, span / levels
     step = (high - low) / 2**bits
     return low, low + (math.ceil(2**bits) - 1) * step, step
 
@@ -246,7 +352,7 @@ def _grid(bits, symmetric, rounding, low, high):
     seed=st.integers(0, 2**31 - 1),
     bits=st.floats(2, 16),
     symmetric=st.booleans(),
-    rounding=st.sampled_from(["floor", "nearest"]),
+    rounding=st.sampled_from(ROUNDINGS),
     low=st.floats(-10, -0.1),
     high=st.floats(0.1, 10),
 )
@@ -341,8 +447,8 @@ def test_unknown_granularity_raises_naming_it():
         fake_quantize(torch.ones(2, 4), 4, granularity="per_row")
 
 
-def test_unknown_rounding_raises_naming_it():
-    with pytest.raises(ValueError, match="'stochastic'"):
+def test_unknown_rounding_raises_naming_it_and_the_choices():
+    with pytest.raises(ValueError, match="'stochastic'.*floor, nearest, nearest_int_range"):
         fake_quantize(torch.ones(2, 4), 4, rounding="stochastic")
 
 

@@ -57,7 +57,7 @@ def features(folders, extractor):
 
 @pytest.fixture(scope="module")
 def fid_a_noise(features):
-    """FID(a, noise), computed once: each FID takes a 2048 x 2048 matrix square root (seconds on CPU)."""
+    """FID(a, noise), computed once."""
     return fid_from_features(features["a"], features["noise"])
 
 
@@ -77,14 +77,14 @@ def test_different_sets_are_far_apart(features, fid_a_noise):
 def test_our_fid_equals_clean_fid_compute_fid(folders, extractor, fid_a_noise):
     theirs = fid.compute_fid(str(folders / "a"), str(folders / "noise"), mode="clean",
                              custom_feat_extractor=extractor, device=CPU, num_workers=0, verbose=False)
-    assert fid_a_noise == pytest.approx(theirs, rel=1e-6)
+    assert fid_a_noise == pytest.approx(theirs, rel=1e-5)  # exact low-rank trace vs clean-fid's sqrtm
 
 
 def test_fid_from_stored_reference_stats_equals_fid_from_the_folder(tmp_path, features, fid_a_noise):
     save_reference_stats(tmp_path / "ref.npz", features["noise"], {"source": "test"})
     stats = load_reference_stats(tmp_path / "ref.npz")
     from_stats = fid_from_features(features["a"], (stats["mu"], stats["sigma"]))
-    assert from_stats == pytest.approx(fid_a_noise, rel=1e-9)
+    assert from_stats == pytest.approx(fid_a_noise, rel=1e-5)  # stats: clean-fid's sqrtm; features: exact
     mu, _ = feature_stats(features["noise"])
     assert np.array_equal(stats["mu"], mu)
 

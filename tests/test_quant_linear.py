@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fraqat_cli.quant import QuantLinear, QuantSpec, calibrate_activations, fake_quantize
+from fraqat_cli.quant.spec import ROUNDINGS
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
@@ -42,14 +43,17 @@ def test_full_precision_quant_linear_equals_the_linear_exactly(weight_bits):
     assert torch.equal(layer(x), linear(x))
 
 
-def test_quant_linear_computes_linear_of_quantized_input_and_weight():
+@pytest.mark.parametrize("rounding", [None, *ROUNDINGS], ids=["default", *ROUNDINGS])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_quant_linear_computes_linear_of_quantized_input_and_weight(symmetric, rounding):
     linear = _linear()
-    weight_spec = QuantSpec(granularity="per_group", group_size=8, symmetric=False)
-    layer = QuantLinear.from_linear(linear, weight_spec=weight_spec, weight_bits=4.5, activation_bits=8)
+    chosen = {"rounding": rounding} if rounding else {}  # None: QuantSpec's and fake_quantize's defaults agree
+    weight_spec = QuantSpec(granularity="per_group", group_size=8, symmetric=symmetric, **chosen)
+    layer = QuantLinear.from_linear(linear, weight_spec=weight_spec, weight_bits=5.5, activation_bits=8)
     x = _inputs(3, 32)
     want = nn.functional.linear(
         fake_quantize(x, 8, granularity="per_tensor", rounding="nearest"),  # activations round to nearest
-        fake_quantize(linear.weight, 4.5, granularity="per_group", group_size=8, symmetric=False),
+        fake_quantize(linear.weight, 5.5, granularity="per_group", group_size=8, symmetric=symmetric, **chosen),
         linear.bias,
     )
     assert torch.equal(layer(x), want)

@@ -9,9 +9,10 @@ import subprocess
 import time
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from train_support import FAST, bits_by_step, cli_env, fraqat_train, train_command, train_sweep
+from train_support import FAST, bits_by_step, cli_env, console, fraqat_train, train_command, train_sweep
 
 from fraqat_cli.checkpointing import StudentCheckpoint, load_checkpoint
 
@@ -20,9 +21,12 @@ FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
 
 @pytest.fixture(scope="module")
 def family_sweep(tmp_path_factory, cache_dir):
-    """One multirun over every tiny family: each job trains 4 steps and checkpoints."""
+    """One multirun over every tiny family, as real models run: bf16 teacher, text encoders and cached
+    conditioning, float32 master weights under 32-true, a sample grid at every step (what crashed at the
+    first grid before). Each job trains 4 steps and checkpoints."""
     return train_sweep(tmp_path_factory.mktemp("sweep"), cache_dir,
-                       [f"model={','.join(FAMILIES)}", "schedule=fractional", *FAST[1:]])
+                       [f"model={','.join(FAMILIES)}", "schedule=fractional", "model.dtype=bfloat16",
+                        "sample_every_n_steps=1", *FAST[1:]])
 
 
 @pytest.mark.slow
@@ -116,3 +120,40 @@ def test_zero_batch_size_fails_before_anything_is_written(tmp_path, cache_dir):
     assert "data.batch_size must be a positive integer; got 0" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not any(cache_dir.glob("*.tmp"))
+
+
+def jobs(sweep):
+    return sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+
+
+@pytest.mark.slow
+def test_every_family_trains_in_bf16_with_sample_grids(family_sweep):
+    assert len(jobs(family_sweep)) == len(FAMILIES)
+    for job in jobs(family_sweep):
+        assert sorted(p.name for p in (job / "samples").iterdir()) == [f"step_{s:06d}.png" for s in (1, 2, 3, 4)]
+        last = load_checkpoint(job / "checkpoints" / "last.ckpt")
+        assert last["global_step"] == 4 and last["fraqat"]["config"]["model"]["dtype"] == "bfloat16"
+        student = {k: v for k, v in last["state_dict"].items() if k.endswith(".weight")}
+        assert all(v.dtype == torch.float32 for v in student.values())  # master weights stay float32
+        assert all(torch.isfinite(v).all() for v in student.values())
+
+
+@pytest.mark.slow
+def test_bf16_students_evaluate_beside_their_bf16_teachers(family_sweep, cache_dir, tmp_path):
+    result = console("fraqat-eval", [f"ckpt={family_sweep}", "prompts=offline", "prompts.count=4", "batch_size=4",
+                                     "logger=none", "clip.model=null", f"results_csv={tmp_path}/results.csv",
+                                     f"hydra.run.dir={tmp_path}/out"], tmp_path, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(r["label"].split("-", 1)[1] for r in results) == sorted(
+        f"{m}-fractional-per_tensor" for m in FAMILIES)
+    assert all(r["fid"] == r["fid"] and r["fid"] >= 0 for r in results)  # finite, not NaN
+
+
+@pytest.mark.slow
+def test_bf16_students_export_and_match_their_files(family_sweep, cache_dir):
+    for job in jobs(family_sweep):
+        result = console("fraqat-export", [f"ckpt={job}", "format=safetensors"], job, cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((job / "export" / "student.safetensors.json").read_text())
+        assert report["check"]["relative_difference"] <= report["check"]["tolerance"]

@@ -56,3 +56,9 @@ def train_sweep(work: Path, cache_dir: Path, args: list[str]) -> Path:
                           timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "sweep"
+
+
+def console(script: str, args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    """Run an installed console script (fraqat-eval, fraqat-export, ...) as a user would."""
+    command = [str(Path(sys.executable).parent / script), *args]
+    return subprocess.run(command, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)

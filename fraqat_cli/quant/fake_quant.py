@@ -1,17 +1,27 @@
 """How to fake-quantize: the FraQAT quantizer as one pure function.
 
 Symmetric (narrow) range, after the paper:
-    codes = R(x / max|x| * (2^(b-1) - 1)) clamped to [R(-(2^(b-1) - 1)), R(2^(b-1) - 1)]
+    codes = R(x / max|x| * (2^(b-1) - 1)) clamped to code_range(b, True, R)
     out   = codes * max|x| / (2^(b-1) - 1)
 Asymmetric (wide) range:
-    codes = R((x - min) / (max - min) * 2^b) clamped to the integers in [0, 2^b)
+    codes = R((x - min) / (max - min) * 2^b) clamped to code_range(b, False, R)
     out   = codes * (max - min) / 2^b + min
-`b` may be fractional: the codes stay integers and the scale shrinks smoothly
-(at b = 5.5 the symmetric codes span [-22, 21] with floor rounding, the paper's
-example, and [-22, 22] with round-to-nearest). The clamp bounds are the codes of
-the range's own extremes, so a fractional level count never clips the top of
-the range; at integer b they are the paper's [-(2^(b-1) - 1), 2^(b-1) - 1] and
-[0, 2^b - 1].
+`b` may be fractional: the codes stay integers and the scale shrinks smoothly.
+R and the clamp come in three kinds (`code_range` has the bounds):
+- `floor`: round down; clamp to the codes of the range's own extremes. At b = 5.5
+  the symmetric codes span [-22, 21], the paper's example, but every value moves
+  down by half a step on average.
+- `nearest`: round to nearest; the same kind of clamp, [-22, 22] at 5.5 bits, so a
+  fractional level count never clips the top of the range.
+- `nearest_int_range`: round to nearest, then clamp symmetric codes to the range of a
+  signed b-bit integer, [-floor(2^(b-1)), floor(2^(b-1)) - 1] ([-22, 21] at 5.5 bits, as
+  the paper); values at the very top lose one code against `nearest` when 2^(b-1) has a
+  fractional part >= 0.5 (5.5 and 4.25 bits). Asymmetric codes are `nearest`'s: the wide
+  range's scale (max - min) / 2^b already leaves its top up to a step short, and the
+  unsigned range [0, floor(2^b) - 1] would clip up to two steps, enough to make the error
+  at 4.5 bits exceed that at 4.25 on uniform data.
+At integer b the three emit codes within the paper's [-(2^(b-1) - 1), 2^(b-1) - 1]
+and [0, 2^b - 1], and the two nearest kinds emit identical codes.
 Dividing by the range before multiplying by the level count keeps the extreme
 values exactly on a code: x / max|x| is exactly +-1 there, which floor rounding
 would otherwise turn into the code below.
@@ -31,11 +41,17 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def code_range(bits: float, symmetric: bool, rounding: str = "floor") -> tuple[int, int]:
-    """Integer codes a `bits`-bit quantizer may emit, as (lowest, highest).
+    """The clamp bounds of a `bits`-bit quantizer's integer codes, as (lowest, highest).
 
-    Symmetric: the codes of -max|x| and +max|x|. Asymmetric: every integer below
-    2^b (the paper's 2^b - 1 at integer b), so max(x) is clipped by at most one step.
+    `floor` and `nearest`, symmetric: the codes of -max|x| and +max|x|; asymmetric: every
+    integer below 2^b (the paper's 2^b - 1 at integer b), so max(x) is clipped by at most one
+    step. `nearest_int_range`, symmetric: the signed b-bit integer range, whose lowest code the
+    narrow grid reaches only when 2^(b-1) has a fractional part >= 0.5 (never at integer b: INT6
+    codes stop at -31 of [-32, 31]); asymmetric: as `nearest`.
     """
+    if symmetric and rounding == "nearest_int_range":
+        half = math.floor(2.0 ** (bits - 1))
+        return -half, half - 1
     if symmetric:
         levels = 2.0 ** (bits - 1) - 1
         round_ = math.floor if rounding == "floor" else round

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-ROUNDINGS = ("floor", "nearest")
+# How real-valued codes become integers (fake_quant.code_range has the clamp bounds of each):
+# floor: round down, clamp to the codes of the range's own extremes (the paper's INT5.5 [-22, 21]);
+# nearest: round to nearest, same kind of clamp ([-22, 22] at 5.5 bits);
+# nearest_int_range: round to nearest, clamp symmetric codes to the signed integer range
+# [-floor(2^(b-1)), floor(2^(b-1)) - 1] (INT6 [-32, 31], INT5.5 [-22, 21], INT5 [-16, 15]); asymmetric as nearest.
+ROUNDINGS = ("floor", "nearest", "nearest_int_range")
 
 # Fractional bits are a software construct; 2 bits is the narrowest range that
 # still has a positive and a negative code, 16 the widest a float16 scale keeps
@@ -62,14 +67,17 @@ class QuantSpec:
     (one scale per `group_size` consecutive elements of the last dimension).
     symmetric: narrow symmetric range around zero (True) or the wide asymmetric
     min/max range (False), both as in the FraQAT paper.
-    rounding: `floor` (default; reproduces the paper's INT5.5 range [-22, 21]) or
-    `nearest`.
+    rounding: `floor` (round down: the paper's INT5.5 range [-22, 21], but every value moves
+    down by half a step on average), `nearest` ([-22, 22] at 5.5 bits) or `nearest_int_range`
+    (round to nearest, then clamp to the signed b-bit integer range: [-22, 21] at 5.5 bits,
+    unbiased; asymmetric codes as `nearest`).
+    At integer bits `nearest` and `nearest_int_range` give identical codes.
     """
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: int | None = None
     symmetric: bool = True
-    rounding: Literal["floor", "nearest"] = "floor"
+    rounding: Literal["floor", "nearest", "nearest_int_range"] = "floor"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
