@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -55,63 +56,101 @@ def check_numbers(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict:
     """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics."""
     import lightning as L
-    import torch
 
-    from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
-    from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, checkpoint_sizes, resume_path
-    from fraqat_cli.conditioning import conditioning_store
-    from fraqat_cli.data import ConditionedLatents
-    from fraqat_cli.distill import DistillationModule
-    from fraqat_cli.models import load_pipeline
-    from fraqat_cli.sampling import student_grid_maker
-    from fraqat_cli.student import build_student
+    from fraqat_cli.checkpointing import resume_path
 
     # 1. Everything that can be wrong with the config fails here, before a model is built.
     check_numbers(cfg)
-    schedule = instantiate_or_raise(cfg.schedule)
-    source = instantiate_or_raise(cfg.data)
-    family = instantiate(cfg.model.family)
-    noise = instantiate(cfg.model.noise)
+    schedule, source = instantiate_or_raise(cfg.schedule), instantiate_or_raise(cfg.data)
     run_dir = output_dir()
-    checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = resume_path(cfg.resume, checkpoint_dir)
+    ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
 
-    # 2. Prompts -> cached text conditioning; clean latents (teacher samples or VAE-encoded images).
-    #    Both stay on disk and are read a row at a time; only the sample grid's few rows are in memory.
-    prompts = source.prompts()
-    conditioning = conditioning_store(cfg.model, prompts, cfg.cache_dir)
-    cond, negative = conditioning.read(0, cfg.num_sample_images), conditioning.shared()
+    # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
+    data = prepare_data(cfg, source)
+    # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
+    module, summary = distillation_module(cfg, data, schedule)
+    # 4. The trainer; its device count sets the accumulation that reaches the global batch, and the steps.
+    trainer, stats = make_trainer(cfg, data, schedule, module.student, run_dir)
+    fix_run_length(cfg, trainer, module, len(data.dataset))
+    # 5. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, train_dataloaders=data.loader(), ckpt_path=ckpt_path)
+    # 6. Report.
+    return report(cfg, trainer, schedule, summary, stats, run_dir)
+
+
+@dataclass
+class TrainingData:
+    """What the teacher's pipeline and the caches give a run: the rows to train on and a few to draw."""
+
+    pipe: object  # the family's diffusers pipeline without its text encoders; its transformer is the teacher
+    family: object
+    noise: object
+    dataset: object  # (conditioning, latents) rows, read lazily from the caches
+    batch_size: int
+    num_workers: int
+    grid_cond: dict  # the sample grid's prompts, in memory
+    negative: dict
+
+    def loader(self):
+        import torch
+
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            drop_last=len(self.dataset) >= self.batch_size,
+        )
+
+
+def prepare_data(cfg: DictConfig, source) -> TrainingData:
+    from fraqat_cli.conditioning import conditioning_store
+    from fraqat_cli.data import ConditionedLatents
+    from fraqat_cli.models import load_pipeline
+
+    family, noise = instantiate(cfg.model.family), instantiate(cfg.model.noise)
+    conditioning = conditioning_store(cfg.model, source.prompts(), cfg.cache_dir)
     pipe = load_pipeline(cfg.model, without=family.text_parts)
     latents = source.latent_store(pipe, family, cfg.model, conditioning, cfg.cache_dir, cfg.seed)
     noise.bind(pipe.scheduler.config)
+    return TrainingData(pipe, family, noise, ConditionedLatents(conditioning, latents), source.batch_size,
+                        source.num_workers, conditioning.read(0, cfg.num_sample_images), conditioning.shared())
 
-    # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
-    teacher = pipe.transformer
+
+def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
+    from fraqat_cli.distill import DistillationModule
+    from fraqat_cli.student import build_student
+
+    teacher = data.pipe.transformer
     student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     print(f"student: {summary}; schedule: {schedule}")
     module = DistillationModule(
-        teacher, student, family, noise,
+        teacher, student, data.family, data.noise,
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
         trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
-        record={"config": OmegaConf.to_container(cfg, resolve=True), "schedule": repr(schedule)},
+        record={"schedule": repr(schedule)},
     )
-    dataset = ConditionedLatents(conditioning, latents)
     if cfg.quantizer.static_activations:
-        module.calibration_batches = first_batches(dataset, source.batch_size, cfg.quantizer.calibration_batches)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=source.batch_size, shuffle=True,
-        num_workers=source.num_workers, drop_last=len(latents) >= source.batch_size,
-    )
+        module.calibration_batches = first_batches(data.dataset, data.batch_size, cfg.quantizer.calibration_batches)
+    return module, summary
 
-    # 4. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
+
+def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir: Path):
+    """The Lightning trainer with the schedule, checkpoint, sample-grid and step-statistics callbacks."""
+    import lightning as L
+
+    from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
+    from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, checkpoint_sizes
+    from fraqat_cli.sampling import student_grid_maker
+
     print(checkpoint_sizes(student))
     stats = StepStats()
-    callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, checkpoint_dir)]
+    callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
     if cfg.sample_every_n_steps > 0:
-        make_grid = student_grid_maker(pipe, family, cfg.model, cond, negative, cfg.num_sample_images, cfg.seed)
+        make_grid = student_grid_maker(data.pipe, data.family, cfg.model, data.grid_cond, data.negative,
+                                       cfg.num_sample_images, cfg.seed)
         callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy built from config (conf/trainer/fsdp.yaml)
@@ -121,17 +160,22 @@ def train(cfg: DictConfig) -> dict:
         default_root_dir=str(run_dir), callbacks=callbacks, logger=make_logger(cfg, run_dir),
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,
     )
-    length = run_length(cfg, trainer.num_devices * trainer.num_nodes, len(dataset))
+    return trainer, stats
+
+
+def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:
+    """Accumulation and steps from the global batch and epochs, on the trainer and in the config that every
+    checkpoint records (so a checkpoint says what actually ran)."""
+    length = run_length(cfg, trainer.num_devices * trainer.num_nodes, samples)
     trainer.accumulate_grad_batches, trainer.fit_loop.epoch_loop.max_steps = length.accumulation, length.steps
-    with open_dict(cfg):  # the checkpoints' record and the report say what actually ran
+    with open_dict(cfg):
         cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches = length.steps, length.accumulation
     module.record["config"] = OmegaConf.to_container(cfg, resolve=True)
     print(length)
-    if ckpt_path:
-        print(f"resuming from {ckpt_path}")
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
 
-    # 5. Report.
+
+def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) -> dict:
+    """metrics.json beside the checkpoints (rank 0), and the same dict returned."""
     previous = run_dir / METRICS_FILE  # a run resumed at its last step trains no step: keep its last loss
     last_loss = json.loads(previous.read_text())["final_loss"] if previous.is_file() else float("nan")
     metrics = {
@@ -139,7 +183,7 @@ def train(cfg: DictConfig) -> dict:
         "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
         "steps": int(trainer.global_step),
         **stats.summary(),
-        "checkpoint": str(checkpoint_dir / "last.ckpt"),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
         "overrides": job_overrides(),
