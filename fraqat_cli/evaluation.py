@@ -113,68 +113,54 @@ class Evaluator:
         family = instantiate(model_cfg.family)
         cond, negative = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
         pipe = load_pipeline(model_cfg, without=family.text_parts).to(self.device)
-        sampler = {"sampler": OmegaConf.to_container(model_cfg.sampler), "seeds": self.seeds, "prompts": self.prompts}
+        draw = lambda folder, what: ensure_images(  # noqa: E731
+            pipe, family, model_cfg, cond, negative, self.seeds, folder, cfg.batch_size, what)
 
         # 1. The teacher's images: the paper's reference, generated once per model, prompts and sampler.
-        teacher_key = cache_key({"model": model_identity(model_cfg), **sampler})
-        teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / teacher_key
-        teacher_files = ensure_images(
-            pipe, family, model_cfg, cond, negative, self.seeds, teacher_dir, cfg.batch_size, "teacher images"
-        )
-
+        teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / self.image_key(model_cfg)
+        teacher_files = draw(teacher_dir, "teacher images")
         # 2. The evaluated model's images (the teacher's own, for a teacher target).
         if target.is_teacher:
             out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
         else:
-            key = cache_key(
-                {
-                    "ckpt": str(target.checkpoint.resolve()),
-                    "step": target.step,
-                    "model": model_identity(model_cfg),
-                    **sampler,
-                }
-            )
-            out_dir = StudentCheckpoint.run_folder(target.checkpoint) / "eval" / key
+            out_dir = StudentCheckpoint.run_folder(target.checkpoint) / "eval" / self.image_key(model_cfg, target)
             skeleton = model_skeleton(pipe.transformer)
             pipe.transformer = None  # the teacher's weights go before the student's arrive
             pipe.transformer = load_student(target, skeleton, self.device)
-            files = ensure_images(
-                pipe,
-                family,
-                model_cfg,
-                cond,
-                negative,
-                self.seeds,
-                out_dir / "images",
-                cfg.batch_size,
-                f"{target.label} images",
-            )
+            files = draw(out_dir / "images", f"{target.label} images")
         out_dir.mkdir(parents=True, exist_ok=True)
         images = [Image.open(f).convert("RGB") for f in files]
         grid = image_grid(images[: cfg.grid_size])
         atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
-
-        # 3. Metrics.
-        results = self.metrics(files, teacher_dir, teacher_files, images)
-        results.update(
-            {
-                "label": target.label,
-                "model": model_cfg.name,
-                "schedule": None if target.is_teacher else target.config.schedule.name,
-                "granularity": None if target.is_teacher else target.config.quantizer.granularity,
-                "weight_bits": target.weight_bits,
-                "checkpoint": str(target.checkpoint) if target.checkpoint else None,
-                "num_images": len(files),
-                "seed": cfg.seed,
-                "prompt_set": OmegaConf.to_container(cfg.prompts),
-                "images_dir": str(files[0].parent),
-                "grid": str(out_dir / "grid.png"),
-                "seconds": round(time.time() - started, 1),
-                "versions": package_versions(),
-            }
-        )
+        # 3. Metrics, and what they were measured on.
+        results = {**self.metrics(files, teacher_dir, teacher_files, images),
+                   **self.description(target, files, out_dir), "seconds": round(time.time() - started, 1)}
         atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         return results
+
+    def image_key(self, model_cfg: DictConfig, target: EvalTarget | None = None) -> str:
+        """What a folder of images depends on: model, sampler, seeds, prompts (and the student's checkpoint)."""
+        parts = {"model": model_identity(model_cfg), "sampler": OmegaConf.to_container(model_cfg.sampler),
+                 "seeds": self.seeds, "prompts": self.prompts}
+        if target is not None:
+            parts = {"ckpt": str(target.checkpoint.resolve()), "step": target.step, **parts}
+        return cache_key(parts)
+
+    def description(self, target: EvalTarget, files: list[Path], out_dir: Path) -> dict:
+        return {
+            "label": target.label,
+            "model": target.config.model.name,
+            "schedule": None if target.is_teacher else target.config.schedule.name,
+            "granularity": None if target.is_teacher else target.config.quantizer.granularity,
+            "weight_bits": target.weight_bits,
+            "checkpoint": str(target.checkpoint) if target.checkpoint else None,
+            "num_images": len(files),
+            "seed": self.cfg.seed,
+            "prompt_set": OmegaConf.to_container(self.cfg.prompts),
+            "images_dir": str(files[0].parent),
+            "grid": str(out_dir / "grid.png"),
+            "versions": package_versions(),
+        }
 
     def metrics(self, files, teacher_dir, teacher_files, images) -> dict:
         from fraqat_cli.metrics import load_reference_stats
