@@ -140,10 +140,8 @@ def qdq_copy(student: nn.Module, source: str) -> tuple[nn.Module, dict[str, dict
     graph_model = copy.deepcopy(student).eval()
     records = {}
     for name in layers:
-        parent_name, _, child = name.rpartition(".")
-        parent = graph_model.get_submodule(parent_name) if parent_name else graph_model
-        qdq = QDQLinear(getattr(parent, child), name)
-        setattr(parent, child, qdq)
+        qdq = QDQLinear(graph_model.get_submodule(name), name)
+        graph_model.set_submodule(name, qdq)
         records[name] = qdq.record
     return graph_model, records
 

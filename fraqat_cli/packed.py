@@ -221,14 +221,12 @@ def _swap_in(model: nn.Module, name: str, record: dict) -> None:
     """Put a `QuantLinear` at `name` whose weight is used as loaded (already on the grid) and whose
     input is quantized as the record says."""
     act = record["activation"]
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     layer = QuantLinear.from_linear(
-        getattr(parent, child), weight_bits=None, activation_bits=act["bits"],
+        model.get_submodule(name), weight_bits=None, activation_bits=act["bits"],
         activation_spec=QuantSpec(act["granularity"], act["group_size"], act["symmetric"], act["rounding"]),
         static_activations=act["static"],
     )
     if act["range"] is not None:
         layer.input_quantizer.range_min.fill_(act["range"][0])
         layer.input_quantizer.range_max.fill_(act["range"][1])
-    setattr(parent, child, layer)
+    model.set_submodule(name, layer)

@@ -108,11 +108,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
                 f"({len(uneven)} layer(s) affected); allowed: a divisor of every quantized layer's input width"
             )
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(
-            parent,
-            child,
+        model.set_submodule(
+            name,
             QuantLinear.from_linear(
                 linears[name],
                 weight_spec=config.weight,
