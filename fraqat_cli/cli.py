@@ -65,4 +65,5 @@ def quiet_console() -> None:
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()  # dtype-cast notices about tiny twins' float32 parts
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of small text encoders
