@@ -61,6 +61,8 @@ def quiet_console() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9
     warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated")  # the shipped FID Inception's format
+    # from_pretrained(torch_dtype=) is the spelling every diffusers release we support accepts
+    warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
     import diffusers
     import transformers
 
