@@ -18,7 +18,7 @@ def build_quant_config(
             granularity=quantizer["granularity"],
             group_size=quantizer.get("group_size"),
             symmetric=bool(quantizer.get("symmetric", True)),
-            rounding=quantizer.get("rounding", "floor"),
+            rounding=quantizer.get("rounding", QuantSpec.rounding),  # the configs set it; else QuantSpec's default
         ),
         weight_bits=weight_bits,
         activation=QuantSpec(

@@ -46,8 +46,8 @@ def test_tables_say_which_gaps_and_ratios_are_distinguishable(script):
         + rows("nearest", "fractional", [14.0, 17.0, 13.0, 16.0])
     )
     lines = table.splitlines()
-    gap = {line.split(" | ")[0].strip("| "): line for line in lines if "| fractional | per_tensor | 4 |" in line
-           and "[" in line}
+    gap = {line.split(" | ")[0].strip("| "): line for line in lines
+           if "| fractional | per_tensor | FID vs teacher | 4 |" in line}
     assert "-10.0%" in gap["floor"] and "**yes**" in gap["floor"]  # every seed 10% below its standard run
     assert "no (interval holds 0)" in gap["nearest"]  # -6.7%, +6.2%, -18.8%, -11.1%
     ratio = next(line for line in lines if "| standard | per_tensor | floor / nearest | 4 |" in line)
@@ -57,7 +57,23 @@ def test_tables_say_which_gaps_and_ratios_are_distinguishable(script):
 def test_a_rounding_equal_at_integer_bits_borrows_the_standard_runs(script):
     table = script.summarize(rows("nearest", "standard", [15.0, 16.0]) + rows("nearest", "fractional", [14.0, 15.0])
                              + rows("nearest_int_range", "fractional", [13.5, 14.4]))
-    assert "| nearest_int_range (standard: nearest's runs) | fractional | per_tensor | 2 | -10.0% |" in table
+    assert "| nearest_int_range (standard: nearest's runs) | fractional | per_tensor | FID vs teacher | 2 | -10.0% |" \
+        in table
+
+
+def test_held_out_loss_gaps_are_paired_too(script):
+    table = script.summarize(rows("floor", "standard", [30.0, 31.0]) + [
+        {**row, "held_out_loss": loss} for row, loss in zip(rows("floor", "fractional", [29.0, 30.0]), [0.008, 0.009])])
+    assert "| floor | fractional | per_tensor | held-out loss | 2 | -15.0% |" in table  # 0.008 / 0.01, 0.009 / 0.01
+
+
+def test_table_from_saved_numbers_prints_the_tables(tmp_path):
+    saved = {"runs": rows("floor", "standard", [30.0, 31.0]) + rows("floor", "fractional", [29.0, 30.5])}
+    (tmp_path / "per_seed.json").write_text(json.dumps(saved))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--table-from", str(tmp_path / "per_seed.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| floor | fractional | per_tensor | 2 | 29.75 ± 1.06 | -2.5% |" in result.stdout
 
 
 def test_one_rounding_has_no_ratio_table_and_one_seed_no_interval(script):

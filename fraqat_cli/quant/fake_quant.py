@@ -47,7 +47,8 @@ def code_range(bits: float, symmetric: bool, rounding: str = "floor") -> tuple[i
     integer below 2^b (the paper's 2^b - 1 at integer b), so max(x) is clipped by at most one
     step. `nearest_int_range`, symmetric: the signed b-bit integer range, whose lowest code the
     narrow grid reaches only when 2^(b-1) has a fractional part >= 0.5 (never at integer b: INT6
-    codes stop at -31 of [-32, 31]); asymmetric: as `nearest`.
+    codes stop at -31 of [-32, 31]); asymmetric: as `nearest`. The default, floor, gives at integer
+    bits the narrow range that every rounding's codes lie in there (storage checks codes against it).
     """
     if symmetric and rounding == "nearest_int_range":
         half = math.floor(2.0 ** (bits - 1))
@@ -174,7 +175,7 @@ def fake_quantize(
     granularity: str = "per_channel",
     group_size: int | None = None,
     symmetric: bool = True,
-    rounding: str = "floor",
+    rounding: str = "nearest_int_range",
     value_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     clip_gradient: bool = False,
 ) -> torch.Tensor:
