@@ -44,11 +44,6 @@ def cached_tensors(directory: str | Path, kind: str, parts: dict, compute: Calla
     return tensors
 
 
-def split_batch(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries named `prefix/...`, with the prefix removed."""
-    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
-
-
 # --- sharded stores: caches too big to hold in memory --------------------------------------------------------
 
 INDEX = "index.json"
