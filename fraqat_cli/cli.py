@@ -60,7 +60,7 @@ def quiet_console() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):  # device summary, seed, tips (logged twice under Hydra)
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9
-    warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated")  # the shipped FID Inception's format
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")  # the shipped FID Inception
     # from_pretrained(torch_dtype=) is the spelling every diffusers release we support accepts
     warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
     import diffusers

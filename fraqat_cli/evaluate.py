@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fraqat_cli.checks import positive_int
-from fraqat_cli.cli import instantiate_or_raise, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
 from fraqat_cli.files import atomic_write
 
 CSV_COLUMNS = (
@@ -110,15 +110,13 @@ def append_csv(path: Path, results: list[dict]) -> None:
 
 
 def log_results(cfg: DictConfig, results: list[dict]) -> None:
-    """Metrics and grids to the configured logger (wandb offline unless WANDB_MODE says otherwise)."""
+    """Metrics and grids to the configured logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
     if not cfg.logger:
         return
-    import os
 
     from hydra.utils import instantiate
     from PIL import Image
 
-    os.environ.setdefault("WANDB_MODE", "offline")
     logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
     for step, r in enumerate(results):
         logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)
@@ -129,5 +127,6 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     results = run_reporting_errors("fraqat-eval", lambda: evaluate(cfg))
     print(json.dumps([{k: r[k] for k in ("label", *SUMMARY_METRICS) if k in r} for r in results]))

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fraqat_cli.cli import run_reporting_errors
+from fraqat_cli.cli import quiet_console, run_reporting_errors
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
 
@@ -191,6 +191,7 @@ def print_report(report: dict) -> None:
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     run_reporting_errors("fraqat-export", lambda: export(cfg))
 
 
