@@ -32,7 +32,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fraqat_cli.checkpointing import load_checkpoint
+from fraqat_cli.checkpointing import StudentCheckpoint
 from fraqat_cli.conditioning import prompt_conditioning
 from fraqat_cli.data import PromptOnlySource
 from fraqat_cli.distill import DistillationModule
@@ -298,7 +298,7 @@ def main() -> None:
     rows = []
     for result in sorted(sweep.glob("*/eval/*/results.json")):
         r = json.loads(result.read_text())
-        config = load_checkpoint(r["checkpoint"])["fraqat"]["config"]
+        config = StudentCheckpoint.read(r["checkpoint"]).config  # memory-mapped: no optimizer state read
         r["seed"], r["rounding"] = config["seed"], config["quantizer"]["rounding"]
         r["held_out_loss"] = held_out_loss(Path(r["checkpoint"]), cache_dir, count=32 if not args.smoke else 4)
         rows.append(r)
