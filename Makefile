@@ -27,10 +27,13 @@ train: install
 	$(VENV)/bin/fraqat-train hydra.run.dir=runs/default
 	$(VENV)/bin/fraqat-eval 'ckpt=[runs/default,teacher]' model=toy
 
-# Deployable files of the default run's student: 4-bit codes (safetensors) and a QDQ ONNX graph.
+# Deployable files of the default run's student: 4-bit codes with the rest in 16 bits (safetensors), a QDQ ONNX
+# graph, and the ONNX graph onnxruntime runs with its 4-bit weights packed (MatMulNBits).
+# `fraqat-eval ckpt=runs/default/export/student.safetensors` then evaluates the deployed file itself.
 export: install
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=safetensors
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx
+	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx_nbits
 
 # Two workers, one per core (each test process runs torch on one thread); a test file stays on one worker,
 # so its module fixtures (a trained sweep, say) are built once.

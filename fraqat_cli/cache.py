@@ -8,6 +8,11 @@ Small entries are one file (`cached_tensors`); entries that grow with the prompt
 set (text conditioning, clean latents) are sharded stores (`sharded_tensors`):
 written shard by shard under an inter-process lock, resumable, and read one row
 at a time (`ShardedStore`).
+
+Entries prove themselves before use: every file carries its entry's key in its
+metadata, and a file that cannot be read (truncated by a full disk or a partial
+copy), holds another entry or has the wrong number of rows is recomputed in place,
+with a warning that names it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +32,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from fraqat_cli.checks import positive_int
+from fraqat_cli.cli import warn
 from fraqat_cli.files import atomic_write
+
+KEY_FIELD = "fraqat_cache_key"  # in each file's safetensors metadata (and index.json): the entry it belongs to
 
 
 def cache_key(parts: dict) -> str:
@@ -36,12 +45,33 @@ def cache_key(parts: dict) -> str:
 
 def cached_tensors(directory: str | Path, kind: str, parts: dict, compute: Callable[[], dict]) -> dict:
     """Load `kind` tensors for `parts` from the cache, computing and storing them on a miss."""
-    path = Path(directory).expanduser() / f"{kind}-{cache_key(parts)}.safetensors"
+    key = cache_key(parts)
+    path = Path(directory).expanduser() / f"{kind}-{key}.safetensors"
     if path.is_file():
-        return load_file(str(path))
+        problem = file_problem(path, key)
+        if problem is None:
+            return load_file(str(path))
+        warn(f"cache entry {str(path)!r}: {problem}; recomputing it")
     tensors = {name: t.detach().contiguous().cpu() for name, t in compute().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    _save(path, tensors, key)
     return tensors
+
+
+def file_problem(path: Path, key: str, rows: int | None = None) -> str | None:
+    """Why the cache file `path` cannot serve entry `key` (unreadable, another entry's, not `rows` rows
+    of every tensor), or None. Reads the header only."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = (f.metadata() or {}).get(KEY_FIELD, key)  # files of older versions carry no key
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as error:  # safetensors' own error type, or the OS's
+        return f"it cannot be read ({str(error).strip().splitlines()[0]})"
+    if stored != key:
+        return f"it belongs to cache entry {stored}, not {key}"
+    if not shapes:
+        return "it holds no tensor"
+    wrong = {name: shape for name, shape in shapes.items() if rows is not None and (not shape or shape[0] != rows)}
+    return f"its tensors should have {rows} rows; got {wrong}" if wrong else None
 
 
 # --- sharded stores: caches too big to hold in memory --------------------------------------------------------
@@ -77,30 +107,67 @@ def sharded_tensors(
     a store with an index is complete.
     """
     positive_int("shard rows", shard_rows)
-    folder = Path(directory).expanduser() / f"{kind}-{cache_key(parts)}"
-    if ShardedStore.is_complete(folder):
+    key = cache_key(parts)
+    folder = Path(directory).expanduser() / f"{kind}-{key}"
+    if ShardedStore.is_complete(folder) and not store_problems(folder, key):
         return ShardedStore(folder)
     with cache_lock(folder):
-        if ShardedStore.is_complete(folder):  # another process built it while this one waited
+        # another process may have built (or repaired) it while this one waited
+        problems = store_problems(folder, key) if (folder / INDEX).is_file() else []
+        if not problems and ShardedStore.is_complete(folder):
             return ShardedStore(folder)
+        for path, problem in problems:
+            warn(f"cache entry {str(path)!r}: {problem}; recomputing it")
+            path.unlink(missing_ok=True)
+        (folder / INDEX).unlink(missing_ok=True)  # rewritten last, once every file is whole again
         try:
-            _build_store(folder, rows, shard_rows, compute_rows, compute_shared, description or kind)
+            _build_store(folder, key, rows, shard_rows, compute_rows, compute_shared, description or kind)
         finally:
             if finish is not None:
                 finish()
     return ShardedStore(folder)
 
 
-def _build_store(folder: Path, rows: int, shard_rows: int, compute_rows, compute_shared, description: str) -> None:
+def store_problems(folder: Path, key: str) -> list[tuple[Path, str]]:
+    """The files of a complete store that cannot serve entry `key`, each with why: the index unreadable or
+    another entry's, a file unreadable or another entry's, a shard with the wrong rows, or one whose tensors
+    differ in names or shapes from the other shards'. Reads headers only."""
+    try:
+        index = json.loads((folder / INDEX).read_text())
+        spans = [(folder / s["file"], s["stop"] - s["start"]) for s in index["shards"]]
+        shared = folder / index["shared"] if index["shared"] else None
+    except (ValueError, KeyError, TypeError) as error:
+        return [(folder / INDEX, f"it cannot be read ({error})")]
+    if index.get(KEY_FIELD, key) != key:
+        return [(folder / INDEX, f"it belongs to cache entry {index[KEY_FIELD]}, not {key}")]
+    problems = [(path, p) for path, rows in spans if (p := file_problem(path, key, rows)) is not None]  # missing too
+    if shared is not None and (p := file_problem(shared, key)) is not None:
+        problems.append((shared, p))
+    whole = [path for path, _ in spans if path not in {bad for bad, _ in problems}]
+    layouts = {path: _layout(path) for path in whole}
+    usual = Counter(layouts.values()).most_common(1)[0][0] if layouts else None
+    problems += [(path, f"its tensors {dict(layout)} differ from the other shards' {dict(usual)}")
+                 for path, layout in layouts.items() if layout != usual]
+    return problems
+
+
+def _layout(path: Path) -> tuple:
+    """Names, dtypes and per-row shapes of a shard's tensors."""
+    with safe_open(path, framework="pt") as f:
+        return tuple(sorted((n, (str(f.get_slice(n).get_dtype()), *f.get_slice(n).get_shape()[1:])) for n in f.keys()))
+
+
+def _build_store(folder: Path, key: str, rows: int, shard_rows: int, compute_rows, compute_shared,
+                 description: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shared = None
     if compute_shared is not None:
         shared = "shared.safetensors"
-        if not (folder / shared).is_file():
-            _save(folder / shared, compute_shared())
+        if not _whole(folder / shared, key):
+            _save(folder / shared, compute_shared(), key)
     shards = [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)]
     names = [f"shard-{start:09d}-{stop:09d}.safetensors" for start, stop in shards]
-    missing = [(span, name) for span, name in zip(shards, names) if not (folder / name).is_file()]
+    missing = [((a, b), name) for (a, b), name in zip(shards, names) if not _whole(folder / name, key, b - a)]
     done = rows - sum(stop - start for (start, stop), _ in missing)
     with tqdm(total=rows, initial=done, desc=description, unit="row", disable=None) as progress:
         for (start, stop), name in missing:
@@ -108,11 +175,12 @@ def _build_store(folder: Path, rows: int, shard_rows: int, compute_rows, compute
             wrong = {k: tuple(v.shape) for k, v in tensors.items() if v.dim() == 0 or len(v) != stop - start}
             if wrong:
                 raise ValueError(f"{description}: rows {start}:{stop} should have {stop - start} rows; got {wrong}")
-            _save(folder / name, tensors)
+            _save(folder / name, tensors, key)
             progress.update(stop - start)
     for stale in set(folder.glob("shard-*.safetensors")) - {folder / n for n in names}:
         stale.unlink()  # shards of an earlier layout (another shard size)
     index = {
+        KEY_FIELD: key,
         "rows": rows,
         "shared": shared,
         "shards": [{"file": n, "start": a, "stop": b} for (a, b), n in zip(shards, names)],
@@ -120,9 +188,20 @@ def _build_store(folder: Path, rows: int, shard_rows: int, compute_rows, compute
     atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
 
 
-def _save(path: Path, tensors: dict) -> None:
+def _whole(path: Path, key: str, rows: int | None = None) -> bool:
+    """A file already there (an interrupted build's) that can serve; one that cannot is named and replaced."""
+    if not path.is_file():
+        return False
+    problem = file_problem(path, key, rows)
+    if problem is not None:
+        warn(f"cache entry {str(path)!r}: {problem}; recomputing it")
+    return problem is None
+
+
+def _save(path: Path, tensors: dict, key: str) -> None:
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={KEY_FIELD: key}), size=size)
 
 
 class ShardedStore(Dataset):
@@ -142,10 +221,11 @@ class ShardedStore(Dataset):
     @staticmethod
     def is_complete(folder: Path) -> bool:
         """An index, and every file it names on disk."""
-        if not (folder / INDEX).is_file():
+        try:
+            index = json.loads((folder / INDEX).read_text())
+            names = [s["file"] for s in index["shards"]] + ([index["shared"]] if index["shared"] else [])
+        except (OSError, ValueError, KeyError, TypeError):  # missing, or damaged (`store_problems` says how)
             return False
-        index = json.loads((folder / INDEX).read_text())
-        names = [s["file"] for s in index["shards"]] + ([index["shared"]] if index["shared"] else [])
         return all((folder / name).is_file() for name in names)
 
     def __len__(self) -> int:
@@ -158,7 +238,7 @@ class ShardedStore(Dataset):
         index %= self.rows
         shard = bisect.bisect_right(self.starts, index) - 1
         offset = index - self.starts[shard]
-        with safe_open(self.folder / self.files[shard], framework="pt") as f:
+        with self._open(self.files[shard]) as f:
             return {k: f.get_slice(k)[offset : offset + 1][0] for k in f.keys()}
 
     def read(self, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -169,10 +249,18 @@ class ShardedStore(Dataset):
             last = self.starts[shard + 1] if shard + 1 < len(self.starts) else self.rows
             if last <= start or first >= stop:
                 continue
-            with safe_open(self.folder / self.files[shard], framework="pt") as f:
+            with self._open(self.files[shard]) as f:
                 for k in f.keys():
                     parts.setdefault(k, []).append(f.get_slice(k)[max(start, first) - first : min(stop, last) - first])
         return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _open(self, name: str):
+        """A shard, opened; damaged since the store was checked (another process, the disk), it is named."""
+        try:
+            return safe_open(self.folder / name, framework="pt")
+        except Exception as error:
+            raise ValueError(f"cache file {str(self.folder / name)!r} cannot be read "
+                             f"({str(error).strip().splitlines()[0]}); run again to recompute it") from error
 
     def load(self) -> dict[str, torch.Tensor]:
         """Every row in memory: for small stores (a few dozen evaluation prompts)."""

@@ -8,6 +8,10 @@ our record under "fraqat" (the resolved config and the schedule).
 - `step-NNNNNN.ckpt` every `checkpoint_every_n_steps`: the student alone (unless `checkpoint_optimizer`),
   only the last `keep_checkpoints` kept. The names carry no '=' so they pass through Hydra overrides unquoted.
 
+`resume=auto` takes the newest checkpoint that can be read (`resume_path`), skipping damaged ones with a
+warning; no checkpoint with a non-finite weight is ever written, and a write the disk refuses names the
+last good one (`AtomicCheckpointIO`).
+
 The bit-width is read from the quantizer buffers: one source. Reading memory-maps the file
 (`torch.load(mmap=True, weights_only=True)`), so what is never touched, the optimizer's moments in
 particular, is never read into memory. Writes go to a temporary file renamed into place.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fraqat_cli.cache import atomic_write
+from fraqat_cli.cli import warn
+from fraqat_cli.files import DiskWriteError, atomic_write, free_bytes
+from fraqat_cli.optimizers import allow_state_classes
 
 LAST = "last.ckpt"
 STEP_FILENAME = "step-{step:06d}"  # ModelCheckpoint's template: step-000050.ckpt
@@ -38,13 +45,42 @@ BITS_KEY = "weight_quantizer.bits"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file beside the target and rename it into place; load with weights_only."""
+    """Save to a temporary file beside the target and rename it into place; load with weights_only.
+
+    A state with non-finite weights is never written (the good checkpoint it would replace stays); a write
+    the disk refuses says which checkpoint is still the last good one. A student-only checkpoint loads as
+    a resumable one whose optimizer has no state yet: resuming from it continues from its weights and
+    step with AdamW's moments starting from zero (`resume_path` says so).
+    """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        from fraqat_cli.divergence import TrainingDiverged, first_non_finite
+
+        path = Path(path)
+        if (bad := first_non_finite(checkpoint.get("state_dict", {}))) is not None:
+            raise TrainingDiverged(f"refusing to write {str(path)!r}: the student's weights are not finite "
+                                   f"({bad!r}); {describe_last_good(path.parent)}")
+        try:
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), size=payload_bytes(checkpoint))
+        except DiskWriteError as error:
+            raise error.with_note(describe_last_good(path.parent)) from error.__cause__
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return load_checkpoint(path, map_location or "cpu")
+        checkpoint = load_checkpoint(path, map_location or "cpu")
+        if isinstance(checkpoint, dict) and "loops" in checkpoint and "optimizer_states" not in checkpoint:
+            checkpoint.update(optimizer_states=[], lr_schedulers=[])  # Lightning restores none: a fresh AdamW
+        return checkpoint
+
+
+def payload_bytes(checkpoint) -> int:
+    """The bytes a checkpoint dict takes on disk, from its tensors and the framing measured below."""
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.numel() * checkpoint.element_size() + FRAMING_BYTES_PER_TENSOR
+    if isinstance(checkpoint, dict):
+        return sum(payload_bytes(v) for v in checkpoint.values())
+    if isinstance(checkpoint, (list, tuple)):
+        return sum(payload_bytes(v) for v in checkpoint)
+    return 0
 
 
 def load_checkpoint(path, map_location="cpu", mapped: bool = False) -> dict:
@@ -55,6 +91,7 @@ def load_checkpoint(path, map_location="cpu", mapped: bool = False) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a .ckpt written by fraqat-train")
+    allow_state_classes(path)  # 8-bit optimizer moments (optim=adamw8bit) are tensor subclasses
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
     except Exception as error:
@@ -183,18 +220,77 @@ def _libc() -> ctypes.CDLL:
 
 
 def resume_path(resume, checkpoint_dir: Path) -> str | None:
-    """`resume`: null (start fresh), `auto` (the run folder's last checkpoint, if any) or a path."""
+    """`resume`: null (start fresh), `auto` or a path.
+
+    `auto` resumes from the newest checkpoint of the run folder that can be read: `last.ckpt` (written
+    after the step checkpoints of its step, so never older), else the step checkpoints, newest first.
+    Each one that cannot be read is skipped with a warning naming it; when none can be read, one error.
+    """
     if resume in (None, False, "null", "none"):
         return None
     if resume == "auto":
-        last = checkpoint_dir / LAST
-        return str(last) if last.is_file() else None
+        unreadable = []
+        for path in checkpoint_files(checkpoint_dir):
+            try:
+                step, resumable = read_head(path)
+            except ValueError as error:
+                warn(f"skipping {error}")
+                unreadable.append(path.name)
+                continue
+            if unreadable or not resumable:
+                warn(f"resuming from {str(path)!r} (step {step}), the newest checkpoint that can be read"
+                     + ("" if resumable else _FRESH_OPTIMIZER))
+            return str(path)
+        if unreadable:
+            raise ValueError(f"no checkpoint in {str(checkpoint_dir)!r} can be read ({', '.join(unreadable)}); "
+                             f"move them away, or start afresh with resume=null")
+        return None
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"resume={str(resume)!r} is not a checkpoint file; allowed: null, auto, or a .ckpt path"
         )
+    step, resumable = read_head(path)
+    if not resumable:
+        warn(f"resuming from {str(path)!r} (step {step})" + _FRESH_OPTIMIZER)
     return str(path)
+
+
+_FRESH_OPTIMIZER = (": it holds the student alone, so its weights, step and bit-width continue and AdamW's moments "
+                    "start from zero")
+STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
+
+
+def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest first: `last.ckpt`, then the step checkpoints by falling step."""
+    checkpoint_dir = Path(checkpoint_dir)
+    steps = sorted((int(m.group(1)), p) for p in checkpoint_dir.glob("step-*.ckpt")
+                   if (m := STEP_FILE.fullmatch(p.name)))
+    last = [checkpoint_dir / LAST] if (checkpoint_dir / LAST).is_file() else []
+    return last + [p for _, p in reversed(steps)]
+
+
+def read_head(path: Path) -> tuple[int, bool]:
+    """(step, resumable) of a readable fraqat checkpoint; ValueError naming the file when it cannot be read."""
+    try:
+        raw = load_checkpoint(path, mapped=True)
+    except ValueError as error:
+        cause = str(error.__cause__ or error).strip().splitlines()[0].split(". ")[0]  # torch adds advice after it
+        raise ValueError(f"checkpoint {str(path)!r}: it cannot be read ({cause})") from error
+    if not isinstance(raw, dict) or "state_dict" not in raw or RECORD not in raw:
+        raise ValueError(f"checkpoint {str(path)!r}: it is not a fraqat-train checkpoint")
+    return int(raw.get("global_step", 0)), "optimizer_states" in raw
+
+
+def describe_last_good(checkpoint_dir: Path) -> str:
+    """Which checkpoint of the run folder is still good, in words, for an error that stops the run."""
+    for path in checkpoint_files(checkpoint_dir):
+        try:
+            step, resumable = read_head(path)
+        except ValueError:
+            continue
+        return f"the last good checkpoint is {str(path)!r} (step {step}{'' if resumable else ', the student alone'})"
+    return f"no good checkpoint in {str(checkpoint_dir)!r} yet"
 
 
 # --- writing during training ----------------------------------------------------------------------------------
@@ -237,7 +333,10 @@ def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback
             # the new file replaces the old one instead of appearing beside it as step-NNNNNN-v1.ckpt.
             enable_version_counter=False,
         ))
-    callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=every, save_last=True, save_top_k=0))
+    # last.ckpt is always replaced, never versioned: after a resume that could not restore this callback's state
+    # (from a step checkpoint, past a damaged last.ckpt) a versioned last-v1.ckpt would hide the new state.
+    callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=every, save_last=True, save_top_k=0,
+                                     enable_version_counter=False))
     callbacks.append(FinalCheckpoint(checkpoint_dir / LAST, every))
     return callbacks
 
@@ -247,6 +346,35 @@ def checkpoint_callbacks(cfg: DictConfig, checkpoint_dir: Path) -> list[Callback
 # config record, loop and callback states, ~12-16 KB.
 FRAMING_BYTES_PER_TENSOR = 320
 FRAMING_BYTES_PER_FILE = 16 * 1024
+
+
+def report_checkpoint_space(cfg: DictConfig, student: nn.Module, checkpoint_dir: Path) -> CheckpointSizes:
+    """Print the size of one checkpoint of each kind, and warn before training when they will not fit."""
+    sizes = checkpoint_sizes(student)
+    print(sizes)
+    if (problem := checkpoint_space_warning(cfg, sizes, checkpoint_dir)) is not None:
+        warn(problem)
+    return sizes
+
+
+def checkpoint_space_warning(cfg: DictConfig, sizes: CheckpointSizes, checkpoint_dir: Path) -> str | None:
+    """Why the run's checkpoints will not fit in the free space of `checkpoint_dir`, or None.
+
+    At its fullest the folder holds `keep_checkpoints` step files and `last.ckpt`, plus the new file being
+    written beside the one it replaces; what is there already counts as taken.
+    """
+    keep = cfg.keep_checkpoints
+    step = sizes.resumable_bytes if cfg.checkpoint_optimizer else sizes.student_bytes
+    peak = max((keep + 1) * step + sizes.resumable_bytes, keep * step + 2 * sizes.resumable_bytes) if keep else \
+        2 * sizes.resumable_bytes
+    present = sum(p.stat().st_size for p in checkpoint_files(checkpoint_dir))
+    free = free_bytes(checkpoint_dir)
+    if free is None or free >= peak - present:
+        return None
+    return (f"checkpoints folder {str(checkpoint_dir)!r} has {free / 2**20:.1f} MiB free, but this run's checkpoints "
+            f"need up to {(peak - present) / 2**20:.1f} MiB more ({LAST} {sizes.resumable_bytes / 2**20:.1f} MiB "
+            f"written beside the previous one, {keep} step checkpoint(s) of {step / 2**20:.1f} MiB); the run will "
+            f"stop when the disk fills: free space, or lower keep_checkpoints")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf.errors import MissingMandatoryValue
 
 EXIT_BAD_INPUT = 2
@@ -27,10 +28,13 @@ def instantiate_or_raise(config, **kwargs):
 
 
 def run_reporting_errors(program: str, work: Callable[[], object]):
-    """Run `work`; a bad value, a missing file or an unloadable model exits with status 2 and its message."""
+    """Run `work`; a bad value, a missing file, an unloadable model, a write the disk refused or a diverged
+    run exits with status 2 and its message."""
+    from fraqat_cli.divergence import TrainingDiverged
+    from fraqat_cli.files import DiskWriteError
     from fraqat_cli.models import ModelLoadError
 
-    expected = (ValueError, FileNotFoundError, ModelLoadError, MissingMandatoryValue)
+    expected = (ValueError, FileNotFoundError, ModelLoadError, MissingMandatoryValue, DiskWriteError, TrainingDiverged)
     try:
         return work()
     except InstantiationException as error:
@@ -39,6 +43,38 @@ def run_reporting_errors(program: str, work: Callable[[], object]):
     except expected as error:
         print(f"{program}: error: {_message(error)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+class WritableRunFolder(Callback):
+    """A Hydra callback: Hydra writes its own files into the run (or sweep) folder before the program's code
+    runs, so a folder that refuses writes is refused here, in one line with exit status 2, not in Hydra's
+    traceback. (A subclass of Hydra's `Callback`, whose other hooks do nothing: Hydra warns at every run
+    about a hook a callback lacks.)"""
+
+    def __init__(self, program: str) -> None:
+        self.program = program
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    def _check(self, folder: str, key: str) -> None:
+        from pathlib import Path
+
+        from fraqat_cli.files import DiskWriteError, check_writable
+
+        try:
+            check_writable(Path(folder), f"choose another {key}")
+        except DiskWriteError as error:
+            print(f"{self.program}: error: {error}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, where a user watching a run (or a scheduler's log) looks for trouble."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _message(error: BaseException) -> str:
@@ -60,6 +96,9 @@ def quiet_console() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):  # device summary, seed, tips (logged twice under Hydra)
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9
+    # torchao (for optim=adamw8bit), which diffusers and transformers import when it is installed, registers
+    # enums with torch's pytree, and torch logs a deprecation for each: about torchao's internals, not the run
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")  # the shipped FID Inception
     # from_pretrained(torch_dtype=) is the spelling every diffusers release we support accepts
     warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)

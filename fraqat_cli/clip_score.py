@@ -53,16 +53,30 @@ def clip_score(model: PooledCLIP, processor: CLIPProcessor, images: list, prompt
 
 
 class CLIPImageFeatures(nn.Module):
-    """clean-fid feature extractor in CLIP's image space, for CLIP-FID."""
+    """clean-fid feature extractor in CLIP's image space, for CLIP-FID: clean-fid's CLIP path (bicubic resize
+    of the short side to the vision tower's size, centre crop: `resize`; then CLIP's mean/std and the projected
+    image embedding), with the CLIP weights of `clip.model` instead of clean-fid's download."""
 
     def __init__(self, model: PooledCLIP, processor: CLIPProcessor) -> None:
         super().__init__()
-        self.model, self.processor = model, processor
+        self.model = model
+        self.size = model.config.vision_config.image_size
+        image_processor = processor.image_processor
+        self.register_buffer("mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def resize(self, image):  # clean-fid's `custom_fn_resize`: an (H, W, 3) uint8 array in, the same out
+        import numpy as np
+        import torchvision.transforms as T
+        from PIL import Image
+
+        crop = T.Compose([T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.size)])
+        return np.asarray(crop(Image.fromarray(image.astype(np.uint8)).convert("RGB"))).astype(np.uint8)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 255]
-        pixels = self.processor(images=[im for im in images.to(torch.uint8).cpu()], return_tensors="pt")
-        return self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.model.device))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, size, size) in [0, 255]
+        pixels = (images.to(self.mean.device, torch.float32) / 255.0 - self.mean) / self.std
+        return self.model.get_image_features(pixel_values=pixels.to(self.model.dtype)).float()
 
 
 def _as_array(image):

@@ -21,10 +21,11 @@ def comparison_table(results: list[dict]) -> str:
     `FID val` (against the rendered scenes) and `attributes` (attribute accuracy)."""
     baseline = {r["granularity"]: r["fid"] for r in results if r.get("schedule") == BASELINE}
     ground_truth = any("fid_val" in r for r in results)
-    extra = " FID val | attributes |" if ground_truth else ""
+    clip_fid = any("clip_fid" in r for r in results)  # CLIP weights were given
+    extra = (" CLIP-FID |" if clip_fid else "") + (" FID val | attributes |" if ground_truth else "")
     lines = [
         f"| model | schedule | granularity | bits | FID | KID | CLIP |{extra} FID vs standard |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if ground_truth else "") + "---|",
+        "|---|---|---|---|---|---|---|" + ("---|" if clip_fid else "") + ("---|---|" if ground_truth else "") + "---|",
     ]
     for r in sorted(
         results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")
@@ -35,6 +36,7 @@ def comparison_table(results: list[dict]) -> str:
             f"| {r['label']} | {r.get('schedule') or 'teacher'} | {r.get('granularity') or '-'} | "
             f"{_fmt(r.get('weight_bits'), 2) if r.get('weight_bits') else 'fp'} | {_fmt(r['fid'])} | "
             f"{_fmt(r.get('kid'), 5)} | {_fmt(r.get('clip_score'), 2)} | "
+            + (f"{_fmt(r.get('clip_fid'))} | " if clip_fid else "")
             + (f"{_fmt(r.get('fid_val'))} | {_fmt(r.get('attribute_accuracy'))} | " if ground_truth else "")
             + f"{gap} |"
         )

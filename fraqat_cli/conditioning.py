@@ -63,6 +63,7 @@ def conditioning_store(
                 if isinstance(part, torch.nn.Module):
                     part.eval()  # tiny twins are built in training mode: T5's dropout would blur the conditioning
             loaded["pipe"] = pipe
+            warn_long_prompts(pipe, prompts, model_cfg.max_sequence_length)
         return loaded["pipe"]
 
     @torch.no_grad()
@@ -83,6 +84,28 @@ def conditioning_store(
         compute_shared=lambda: encode([""]),
         finish=release, description=f"encoding prompts ({model_cfg.name}, {target})",
     )
+
+
+def warn_long_prompts(pipe, prompts: list[str], max_sequence_length: int) -> int:
+    """Say how many prompts are longer than a text encoder takes (the pipelines truncate them, and say so only
+    in a log the console silences): each tokenizer's limit is `max_sequence_length` or its own, if lower
+    (CLIP's 77). Returns that count."""
+    from fraqat_cli.cli import warn
+
+    too_long, limits = set(), []
+    for name, tokenizer in pipe.components.items():
+        if not name.startswith("tokenizer") or tokenizer is None:
+            continue
+        limit = min(max_sequence_length, tokenizer.model_max_length)
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
+        over = {i for i, length in enumerate(lengths) if length > limit}
+        too_long |= over
+        limits.append(f"{limit} for {name}")
+    if too_long:
+        first = prompts[min(too_long)]
+        warn(f"{len(too_long)} of {len(prompts)} prompts are longer than the text encoder takes (tokens: "
+             f"{', '.join(limits)}) and are truncated to it, e.g. {first[:60] + '...' if len(first) > 60 else first!r}")
+    return len(too_long)
 
 
 def prompt_conditioning(

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from torch import nn
 
-from fraqat_cli.quant import PASS_THROUGH_BITS, QuantLinear
+from fraqat_cli.quant import LAYER_KINDS, PASS_THROUGH_BITS, QuantizedLayer
 
 
 def integer_bits(bits: float) -> int | None:
@@ -19,13 +19,15 @@ def integer_bits(bits: float) -> int | None:
     return int(bits) if float(bits).is_integer() else None
 
 
-def deployable_layers(student: nn.Module, source: str) -> dict[str, QuantLinear]:
-    """The student's quantized layers by name; ValueError (naming `source`) when it cannot deploy."""
-    layers = {name: m for name, m in student.named_modules() if isinstance(m, QuantLinear)}
+def deployable_layers(student: nn.Module, source: str, kinds: tuple[str, ...] = LAYER_KINDS,
+                      target: str = "this format") -> dict[str, QuantizedLayer]:
+    """The student's quantized layers by name; ValueError (naming `source`) when it cannot deploy, or when
+    one is of a layer kind outside `kinds` (what `target`, the chosen format or runtime, can express)."""
+    layers = {name: m for name, m in student.named_modules() if isinstance(m, QuantizedLayer)}
     quantized = {name: m for name, m in layers.items() if m.weight_bits < PASS_THROUGH_BITS}
     if not quantized:
         raise ValueError(
-            f"{source} is not a quantized student: none of its {len(layers)} linear layers has quantized weights "
+            f"{source} is not a quantized student: none of its {len(layers)} quantizable layers has quantized weights "
             f"(a schedule=fp run?); export a checkpoint trained with a quantizing schedule (e.g. fractional)"
         )
     fractional = {name: m.weight_bits for name, m in quantized.items() if integer_bits(m.weight_bits) is None}
@@ -36,6 +38,13 @@ def deployable_layers(student: nn.Module, source: str) -> dict[str, QuantLinear]
             f"layer(s)); only integer bit-widths deploy. Export a checkpoint from the end of the schedule "
             f"(its last stage is at integer bits, e.g. checkpoints/last.ckpt of a finished run)"
         )
+    foreign = {name: m.kind for name, m in quantized.items() if m.kind not in kinds}
+    if foreign:
+        name, kind = next(iter(foreign.items()))
+        raise ValueError(
+            f"{source} has quantized {kind} layers ({name} and {len(foreign) - 1} other(s)), which {target} cannot "
+            f"express; it expresses {', '.join(kinds)}. Export another format, or train with quantizer.layers "
+            f"limited to those kinds")
     for name, m in quantized.items():
         act = m.input_quantizer.current_bits
         if act < PASS_THROUGH_BITS and integer_bits(act) is None:
@@ -43,11 +52,13 @@ def deployable_layers(student: nn.Module, source: str) -> dict[str, QuantLinear]
     return quantized
 
 
-def layer_record(layer: QuantLinear) -> dict:
-    """The settings a runtime needs to reproduce one layer (JSON-able)."""
+def layer_record(layer: QuantizedLayer) -> dict:
+    """The settings a runtime needs to reproduce one layer (JSON-able). `shape` is the weight's own;
+    codes and scales are laid out over its matrix view (output channel x the rest)."""
     act = layer.input_quantizer
     act_bits = act.current_bits
     return {
+        "kind": layer.kind,
         "bits": integer_bits(layer.weight_bits),
         "shape": list(layer.weight.shape),
         **asdict(layer.weight_quantizer.spec),

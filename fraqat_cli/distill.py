@@ -23,6 +23,8 @@ class DistillationModule(L.LightningModule):
 
     family: adapter giving the transformer's keyword arguments (`fraqat_cli.families`).
     noise: callable (clean latents, noise) -> (noisy latents, timesteps) (`fraqat_cli.noise`).
+    optimizer: a factory taking the trainable parameters (`conf/optim`, a Hydra partial); None: AdamW with
+    `lr`, `weight_decay` and `betas`.
     trainable: fnmatch patterns over parameter names; the rest of the student stays frozen
     (the paper's selective training).
     feature_loss_weight: > 0 adds an MSE between the outputs of matching transformer blocks.
@@ -40,6 +42,7 @@ class DistillationModule(L.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas=(0.9, 0.999),
+        optimizer=None,
         trainable=("*",),
         feature_loss_weight: float = 0.0,
         block_pattern: str = "*transformer_blocks.[0-9]*",
@@ -51,6 +54,7 @@ class DistillationModule(L.LightningModule):
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module registration
         self.family, self.noise = family, noise
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.optimizer_factory = optimizer
         self.feature_loss_weight, self.block_pattern = feature_loss_weight, block_pattern
         self.trainable_params = freeze_all_but(student, trainable)
         self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
@@ -100,10 +104,12 @@ class DistillationModule(L.LightningModule):
             q.range_min.fill_(float(low))
             q.range_max.fill_(float(high))
 
-    def distillation_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def distillation_loss(self, batch: dict[str, torch.Tensor], generators=None) -> dict[str, torch.Tensor]:
+        """Output MSE (and feature MSE) to the teacher; `generators`, one per row, fix each row's noise and
+        timestep (the held-out loss, `fraqat_cli.validation`), else they are drawn afresh."""
         latents = batch["latents"]
         cond = {k: v for k, v in batch.items() if k != "latents"}
-        noisy, timesteps = self.noise(latents, torch.randn_like(latents))
+        noisy, timesteps = self._noised(latents, generators)
         # Each model sees its inputs in its own parameters' dtype (cached conditioning is stored in the text
         # encoders' dtype, e.g. bf16, while the student keeps float32 master weights); autocast, when on,
         # then chooses the compute dtype.
@@ -124,6 +130,13 @@ class DistillationModule(L.LightningModule):
             losses["loss"] = losses["output_loss"]
         return losses
 
+    def _noised(self, latents: torch.Tensor, generators) -> tuple[torch.Tensor, torch.Tensor]:
+        if generators is None:
+            return self.noise(latents, torch.randn_like(latents))
+        rows = [self.noise(latents[i:i + 1], torch.randn(latents[i:i + 1].shape, generator=g).to(latents), generator=g)
+                for i, g in enumerate(generators)]
+        return torch.cat([noisy for noisy, _ in rows]), torch.cat([t for _, t in rows])
+
     def training_step(self, batch, batch_idx):
         losses = self.distillation_loss(batch)
         self.log_dict(
@@ -141,10 +154,12 @@ class DistillationModule(L.LightningModule):
         stamp_record(checkpoint, self.record)
 
     def configure_optimizers(self):
+        from fraqat_cli.optimizers import adamw
+
         params = [p for p in self.student.parameters() if p.requires_grad]
-        # The paper trains with (fused) Adam and no weight decay; fused needs CUDA.
-        fused = bool(params) and params[0].is_cuda
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, fused=fused)
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
+        return adamw(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
 
 def _static_quantizers(model: nn.Module) -> list[ActivationQuantizer]:

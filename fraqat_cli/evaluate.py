@@ -31,6 +31,7 @@ CSV_COLUMNS = (
     "fid",
     "kid",
     "clip_score",
+    "clip_fid",
     "fid_val",
     "attribute_accuracy",
     "reference",
@@ -40,7 +41,8 @@ CSV_COLUMNS = (
     "images_dir",
 )
 
-SUMMARY_METRICS = ("fid", "kid", "clip_score", "fid_val", "attribute_accuracy")  # logged and printed, when present
+# logged and printed, when present
+SUMMARY_METRICS = ("fid", "kid", "clip_score", "clip_fid", "fid_val", "attribute_accuracy")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -76,12 +78,12 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
-    clip, reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
-    if clip is None:
-        print(f"fraqat-eval: {reason}", file=sys.stderr)
-        clip = None
+    model, processor_or_reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
+    clip = None
+    if model is None:
+        print(f"fraqat-eval: {processor_or_reason}", file=sys.stderr)
     else:
-        clip = (clip[0].to(device), reason)  # (model, processor)
+        clip = (model.to(device), processor_or_reason)  # (model, processor)
     evaluator = Evaluator(cfg, prompts, device, extractor, extractor_name, clip, scenes)
 
     # 2. Each target: images, metrics, files.

@@ -25,7 +25,7 @@ from fraqat_cli.checkpointing import StudentCheckpoint
 from fraqat_cli.conditioning import prompt_conditioning, select
 from fraqat_cli.eval_targets import EvalTarget
 from fraqat_cli.ground_truth import attribute_scores, scene_image_files
-from fraqat_cli.metrics import fid_from_features, folder_features, kid_from_features, stability_warning
+from fraqat_cli.metrics import fid_from_features, files_features, kid_from_features, stability_warning
 from fraqat_cli.models import load_pipeline, model_identity
 from fraqat_cli.sampling import generate, image_grid
 from fraqat_cli.student import model_skeleton, rebuild_student
@@ -63,10 +63,15 @@ def ensure_images(
 def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.device | str | None = None
                  ) -> torch.nn.Module:
     """The student of `target.checkpoint`, in `teacher`'s inference dtype, on `device` (default: the
-    teacher's), its quantized weights those it trained with (`rebuild_student(bake=True)`). `teacher` may be
-    a skeleton (`model_skeleton`): only its structure and dtype are used."""
+    teacher's), its quantized weights those it trained with (`rebuild_student(bake=True)`); or the deployed
+    model in `target.artifact` (`fraqat_cli.deployed`). `teacher` may be a skeleton (`model_skeleton`): only
+    its structure and dtype are used."""
     first = next(teacher.parameters())
     device = device or (first.device if not first.is_meta else "cpu")
+    if target.artifact is not None:
+        from fraqat_cli.deployed import load_deployed
+
+        return load_deployed(target.artifact, teacher, first.dtype, device)
     return rebuild_student(StudentCheckpoint.read(target.checkpoint), teacher, dtype=first.dtype, device=device,
                            bake=True)
 
@@ -88,17 +93,22 @@ class Evaluator:
         self.prompts, self.scenes = prompts, scenes
         self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
         self.warnings: list[str] = []
+        self.clip_features = None  # CLIP-FID's extractor: the CLIP weights of clip.model, when given
+        if clip is not None:
+            from fraqat_cli.clip_score import CLIPImageFeatures
 
-    def features(self, folder: Path, files: list[Path]) -> np.ndarray:  # noqa: F821
-        """Inception features of a folder's images, cached beside them per extractor."""
+            self.clip_features = CLIPImageFeatures(*clip).to(device)
+
+    def features(self, folder: Path, files: list[Path], clip: bool = False) -> np.ndarray:  # noqa: F821
+        """Inception (or, `clip`, CLIP image) features of a folder's images, cached beside them per extractor."""
         import numpy as np
 
-        cache = folder / f"features-{cache_key({'x': self.extractor_name, 'n': len(files)})}.npy"
+        name = f"clip {self.cfg.clip.model}" if clip else self.extractor_name
+        extractor = self.clip_features if clip else self.extractor
+        cache = folder / f"features-{cache_key({'x': name, 'n': len(files)})}.npy"
         if cache.is_file():
             return np.load(cache)
-        features = folder_features(folder, self.extractor, self.device, self.cfg.fid.batch_size, verbose=True)
-        if len(features) != len(files):
-            raise ValueError(f"{folder} holds {len(features)} images, expected {len(files)}; remove stray files")
+        features = files_features(files, extractor, self.device, self.cfg.fid.batch_size, verbose=True)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -123,7 +133,8 @@ class Evaluator:
         if target.is_teacher:
             out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
         else:
-            out_dir = StudentCheckpoint.run_folder(target.checkpoint) / "eval" / self.image_key(model_cfg, target)
+            home = target.artifact.parent if target.artifact else StudentCheckpoint.run_folder(target.checkpoint)
+            out_dir = home / "eval" / self.image_key(model_cfg, target)
             skeleton = model_skeleton(pipe.transformer)
             pipe.transformer = None  # the teacher's weights go before the student's arrive
             pipe.transformer = load_student(target, skeleton, self.device)
@@ -143,7 +154,10 @@ class Evaluator:
         parts = {"model": model_identity(model_cfg), "sampler": OmegaConf.to_container(model_cfg.sampler),
                  "seeds": self.seeds, "prompts": self.prompts}
         if target is not None:
-            parts = {"ckpt": str(target.checkpoint.resolve()), "step": target.step, **parts}
+            parts = {"ckpt": str(target.source.resolve()), "step": target.step, **parts}
+            if target.artifact is not None:  # a re-export in place is another model: its images are redone
+                stat = target.artifact.stat()
+                parts["artifact"] = [stat.st_size, stat.st_mtime_ns]
         return cache_key(parts)
 
     def description(self, target: EvalTarget, files: list[Path], out_dir: Path) -> dict:
@@ -153,7 +167,7 @@ class Evaluator:
             "schedule": None if target.is_teacher else target.config.schedule.name,
             "granularity": None if target.is_teacher else target.config.quantizer.granularity,
             "weight_bits": target.weight_bits,
-            "checkpoint": str(target.checkpoint) if target.checkpoint else None,
+            "checkpoint": str(target.source) if target.source else None,
             "num_images": len(files),
             "seed": self.cfg.seed,
             "prompt_set": OmegaConf.to_container(self.cfg.prompts),
@@ -180,10 +194,7 @@ class Evaluator:
             results["fid"] = fid_from_features(features, (stats["mu"], stats["sigma"]))
             results["kid"] = kid_from_features(features, stats["features"])
         else:
-            reference_dir = Path(str(cfg.reference_dir)).expanduser()
-            reference_files = sorted(
-                p for p in reference_dir.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")
-            )
+            reference_dir, reference_files = self.reference_images()
             reference, count = self.features(reference_dir, reference_files), len(reference_files)
             results["fid"] = fid_from_features(features, reference)
             results["kid"] = kid_from_features(features, reference)
@@ -198,9 +209,29 @@ class Evaluator:
             from fraqat_cli.clip_score import clip_score
 
             results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
+            results.update(self.clip_fid(files, teacher_dir, teacher_files))
         if self.scenes is not None:
             results.update(self.ground_truth_metrics(features, images))
         return results
+
+    def reference_images(self) -> tuple[Path, list[Path]]:
+        """`reference_dir` and its images (png, jpg), in name order."""
+        folder = Path(str(self.cfg.reference_dir)).expanduser()
+        return folder, sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+    def clip_fid(self, files: list[Path], teacher_dir: Path, teacher_files: list[Path]) -> dict:
+        """FID in CLIP's image space against the same reference images as `fid` (the paper reports both);
+        stored reference statistics hold Inception features only, so they give no CLIP-FID."""
+        if self.cfg.reference == "teacher" and files == teacher_files:
+            return {"clip_fid": 0.0}  # the teacher against its own images: zero by construction
+        if self.cfg.reference == "teacher":
+            reference_dir, reference_files = teacher_dir, teacher_files
+        elif self.cfg.reference_dir:
+            reference_dir, reference_files = self.reference_images()
+        else:
+            return {}
+        features = self.features(files[0].parent, files, clip=True)
+        return {"clip_fid": fid_from_features(features, self.features(reference_dir, reference_files, clip=True))}
 
     def ground_truth_metrics(self, features: np.ndarray, images: list[Image.Image]) -> dict:
         """`fid_val`: FID against the rendered scenes (same Inception and clean-fid path as `fid`), and

@@ -22,11 +22,23 @@ ADVISED_FID_IMAGES = 2048
 
 def folder_features(folder: str | Path, extractor, device: torch.device, batch_size: int = 32,
                     verbose: bool = False) -> np.ndarray:
-    """(N, D) features of every image in `folder`, through clean-fid's "clean" pipeline."""
+    """(N, D) features of every image in `folder`, through clean-fid's "clean" pipeline (the extractor's own
+    `resize`, when it has one, in place of clean-fid's 299 x 299: CLIP's)."""
     from cleanfid import fid
 
     return fid.get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size, device=device,
-                                   mode="clean", verbose=verbose)
+                                   mode="clean", verbose=verbose, custom_fn_resize=getattr(extractor, "resize", None))
+
+
+def files_features(files: list[Path], extractor, device: torch.device, batch_size: int = 32,
+                   verbose: bool = False) -> np.ndarray:
+    """(N, D) features of exactly `files`, in order, through the same clean-fid pipeline as `folder_features`:
+    a folder that also holds other files (cached features beside the images) counts only these."""
+    from cleanfid import fid
+
+    return fid.get_files_features([str(f) for f in files], extractor, num_workers=0, batch_size=batch_size,
+                                  device=device, mode="clean", verbose=verbose,
+                                  custom_fn_resize=getattr(extractor, "resize", None))
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 Each quantized linear layer becomes
     x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- weight codes (int4)
+(a quantized convolution: the same into a Conv, its weight codes reshaped to the kernel's shape)
 with 8-bit activations (per-tensor scale: computed in the graph from max|x| for a
 dynamic quantizer, a constant for a calibrated static one) and the weight's
 integer codes as an initializer: INT4/UINT4 for codes of at most 4 bits (opset
@@ -24,7 +25,7 @@ from torch import nn
 
 from fraqat_cli.cache import atomic_write
 from fraqat_cli.deployable import deployable_layers, layer_record
-from fraqat_cli.quant import QuantLinear
+from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.quant.fake_quant import _TINY, quantize_to_codes
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
@@ -36,13 +37,14 @@ def _symbolic(op: str, inputs: list, attrs: dict | None, dtype, shape) -> torch.
     return torch.onnx.ops.symbolic(op, inputs, attrs or {}, dtype=dtype, shape=shape, version=OPSET)
 
 
-class QDQLinear(nn.Module):
-    """Export-only stand-in for a `QuantLinear`: integer weight codes and Q/DQ pairs in the graph."""
+class QuantizedInput(nn.Module):
+    """The 8-bit input-activation quantizer of one exported layer as QuantizeLinear -> DequantizeLinear
+    (`_activation`); subclasses add the weight and the product."""
 
-    def __init__(self, layer: QuantLinear, name: str) -> None:
+    def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__()
         record = layer_record(layer)
-        act, spec = record["activation"], layer.weight_quantizer.spec
+        act = record["activation"]
         # QuantizeLinear rounds to nearest and saturates at int8/uint8's own bounds: `nearest` (clipped to the narrow
         # range first, below) and `nearest_int_range` (whose 8-bit bounds those are); `floor` has no QDQ form.
         if act["bits"] is not None and (act["bits"] != 8 or act["granularity"] != "per_tensor"
@@ -52,14 +54,7 @@ class QDQLinear(nn.Module):
                 f"no QDQ form; ONNX export takes 8-bit per_tensor activations rounded to nearest "
                 f"(quantizer.activation_bits=8, activation_granularity=per_tensor, "
                 f"activation_rounding=nearest or nearest_int_range)")
-        self.record, self.spec = record, spec
-        codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
-        code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
-        if not spec.symmetric and record["bits"] > 8:
-            raise ValueError(f"{name}: asymmetric {record['bits']}-bit weight codes have no ONNX integer type here")
-        self.register_buffer("codes", codes.to(code_dtype))
-        self.register_buffer("scale", scale.reshape(()) if spec.granularity == "per_tensor" else scale)
-        self.register_buffer("offset", offset)
+        self.record, self.spec = record, layer.weight_quantizer.spec
         self.bias = layer.bias
         if act["static"] and act["range"] is not None:
             low, high = act["range"]
@@ -69,17 +64,6 @@ class QDQLinear(nn.Module):
             self.act_bound = 127 * float(self.act_scale)  # a constant: the graph clips to it
         else:
             self.act_scale = None
-
-    def _weight(self) -> torch.Tensor:
-        attrs = {"per_tensor": {}, "per_channel": {"axis": 0},
-                 "per_group": {"axis": 1, "block_size": self.spec.group_size}}[self.spec.granularity]
-        weight = _symbolic("DequantizeLinear", [self.codes, self.scale], attrs, torch.float32, self.codes.shape)
-        if self.offset is None:
-            return weight
-        rows = weight.shape[0]
-        grouped = weight.reshape(rows, self.offset.shape[-1] if self.offset.dim() == 2 else 1, -1)
-        offset = self.offset.reshape(rows, -1, 1) if self.offset.dim() == 2 else self.offset.reshape(-1, 1, 1)
-        return (grouped + offset).reshape(weight.shape)
 
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         act = self.record["activation"]
@@ -106,8 +90,40 @@ class QDQLinear(nn.Module):
         codes = _symbolic("QuantizeLinear", [x - low, scale], {"output_dtype": UINT8}, torch.uint8, x.shape)
         return _symbolic("DequantizeLinear", [codes, scale], None, torch.float32, x.shape) + low
 
+
+class QDQLayer(QuantizedInput):
+    """Export-only stand-in for a quantized layer (linear, 1x1 or depthwise convolution): integer weight
+    codes and Q/DQ pairs in the graph."""
+
+    def __init__(self, layer: QuantizedLayer, name: str) -> None:
+        super().__init__(layer, name)
+        record, spec = self.record, self.spec
+        codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
+        code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
+        if not spec.symmetric and record["bits"] > 8:
+            raise ValueError(f"{name}: asymmetric {record['bits']}-bit weight codes have no ONNX integer type here")
+        self.register_buffer("codes", codes.to(code_dtype))
+        self.register_buffer("scale", scale.reshape(()) if spec.granularity == "per_tensor" else scale)
+        self.register_buffer("offset", offset)
+        self.conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+                     if isinstance(layer, nn.Conv2d) else None)
+
+    def _weight(self) -> torch.Tensor:
+        attrs = {"per_tensor": {}, "per_channel": {"axis": 0},
+                 "per_group": {"axis": 1, "block_size": self.spec.group_size}}[self.spec.granularity]
+        weight = _symbolic("DequantizeLinear", [self.codes, self.scale], attrs, torch.float32, self.codes.shape)
+        if self.offset is None:
+            return weight
+        rows = weight.shape[0]
+        grouped = weight.reshape(rows, self.offset.shape[-1] if self.offset.dim() == 2 else 1, -1)
+        offset = self.offset.reshape(rows, -1, 1) if self.offset.dim() == 2 else self.offset.reshape(-1, 1, 1)
+        return (grouped + offset).reshape(weight.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._activation(x), self._weight(), self.bias)
+        weight = self._weight().reshape(self.record["shape"])
+        if self.conv is None:
+            return F.linear(self._activation(x), weight, self.bias)
+        return F.conv2d(self._activation(x), weight, self.bias, **self.conv)
 
 
 def _squeeze_dim(self, dim: int):
@@ -134,16 +150,34 @@ class DenoiserGraph(nn.Module):
         return self.transformer(**kwargs, return_dict=False)[0]
 
 
-def qdq_copy(student: nn.Module, source: str) -> tuple[nn.Module, dict[str, dict]]:
-    """A copy of `student` whose quantized layers are `QDQLinear`; the layer records by name."""
-    layers = deployable_layers(student, source)
+def graph_copy(student: nn.Module, source: str, stand_in=None, kinds=None, target: str = "ONNX QDQ"
+               ) -> tuple[nn.Module, dict[str, dict]]:
+    """A copy of `student` whose quantized layers are `stand_in(layer, name)` (default `QDQLayer`); the
+    layer records by name. `kinds`: the layer kinds the stand-in expresses (default: all)."""
+    stand_in = stand_in or QDQLayer
+    layers = deployable_layers(student, source, **({"kinds": kinds, "target": target} if kinds else {}))
     graph_model = copy.deepcopy(student).eval()
     records = {}
     for name in layers:
-        qdq = QDQLinear(graph_model.get_submodule(name), name)
-        graph_model.set_submodule(name, qdq)
-        records[name] = qdq.record
+        replacement = stand_in(graph_model.get_submodule(name), name)
+        graph_model.set_submodule(name, replacement)
+        records[name] = replacement.record
     return graph_model, records
+
+
+def trace(graph_model: nn.Module, family, example: dict[str, torch.Tensor]):
+    """The ONNX model proto of `graph_model` called as a denoiser on `example` (inputs in its order)."""
+    import logging
+
+    for noisy in ("onnx_ir", "onnxscript"):  # a line per merged constant or folded slice otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cond_names = [k for k in example if k not in ("latents", "timestep")]
+    wrapper = DenoiserGraph(graph_model, family, cond_names).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, tuple(example.values()), dynamo=True, opset_version=OPSET,
+                                    input_names=list(example), output_names=["prediction"], verbose=False,
+                                    custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim})
+    return program.model_proto
 
 
 def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], path: Path, info: dict,
@@ -151,21 +185,8 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
     """Write the QDQ graph of `student` to `path`; `example` holds latents, timestep and the conditioning
     tensors, in the graph's input order. Returns the layer records, the input names and the side file of
     tensors (None when the graph fits one file, which is then written atomically)."""
-    import logging
-
-    import onnx
-
-    for noisy in ("onnx_ir", "onnxscript"):  # a line per merged constant or folded slice otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    graph_model, records = qdq_copy(student, source)
-    cond_names = [k for k in example if k not in ("latents", "timestep")]
-    wrapper = DenoiserGraph(graph_model, family, cond_names).eval()
-    args = tuple(example.values())
-    with torch.no_grad():
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET, input_names=list(example),
-                                    output_names=["prediction"], verbose=False,
-                                    custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim})
-    model = program.model_proto
+    graph_model, records = graph_copy(student, source)
+    model = trace(graph_model, family, example)
     expected = sum(r["bits"] <= 4 for r in records.values())
     narrowed = _narrow_codes(model, records)
     if narrowed != expected:
@@ -175,15 +196,24 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
     if paired != len(records):
         raise RuntimeError(f"{paired} matrix products in the exported graph multiply dequantized weights by "
                            f"dequantized activations; expected one per quantized layer ({len(records)})")
+    return save_graph(model, path, info, "qdq/1", list(example), records, single_file_limit)
+
+
+def save_graph(model, path: Path, info: dict, kind: str, inputs: list[str], records: dict,
+               single_file_limit: int = SINGLE_FILE_LIMIT) -> dict:
+    """Strip the exporter's stack traces, stamp fraqat's metadata and write `model` (one file, atomically,
+    or with a side file of tensors past protobuf's 2 GiB)."""
+    import onnx
+
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of a small model's file
         del node.metadata_props[:]
         node.doc_string = ""
-    for key, value in {"fraqat_format": "qdq/1", "fraqat_info": json.dumps(info, default=str)}.items():
+    for key, value in {"fraqat_format": kind, "fraqat_info": json.dumps(info, default=str)}.items():
         model.metadata_props.add(key=key, value=value)
     if sum(len(t.raw_data) for t in model.graph.initializer) <= single_file_limit:
         onnx.checker.check_model(model)
         atomic_write(Path(path), lambda tmp: onnx.save(model, tmp))
-        return {"layers": records, "inputs": list(example), "data_file": None}
+        return {"layers": records, "inputs": inputs, "data_file": None}
     # Past protobuf's 2 GiB a graph keeps its tensors in a side file (`<path>.data`), which is written in
     # place: stage the export in a fresh folder (as fraqat-export does).
     data_file = Path(path).name + ".data"
@@ -191,7 +221,7 @@ def export_onnx(student: nn.Module, family, example: dict[str, torch.Tensor], pa
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file,
               size_threshold=1024)
     onnx.checker.check_model(str(path))
-    return {"layers": records, "inputs": list(example), "data_file": data_file}
+    return {"layers": records, "inputs": inputs, "data_file": data_file}
 
 
 def _narrow_codes(model, records: dict[str, dict]) -> int:
@@ -220,7 +250,7 @@ def _narrow_codes(model, records: dict[str, dict]) -> int:
 
 
 def _quantized_matmuls(model, activations: bool) -> int:
-    """How many MatMul/Gemm nodes take a weight from a DequantizeLinear of an initializer and (when the
+    """How many MatMul/Gemm/Conv nodes take a weight from a DequantizeLinear of an initializer and (when the
     student quantizes activations) their other operand from a DequantizeLinear too: the QDQ form, checked
     on the graph because an output comparison cannot see a missing 8-bit activation quantizer."""
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -241,7 +271,7 @@ def _quantized_matmuls(model, activations: bool) -> int:
 
     count = 0
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) >= 2:
             x, w = node.input[0], node.input[1]
             if dequantized(w, True) and (not activations or dequantized(x, False)):
                 count += 1

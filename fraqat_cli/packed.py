@@ -4,15 +4,17 @@ Each quantized layer keeps `<layer>.weight.codes` (4-bit codes two to a byte,
 wider ones as int8/int16), `<layer>.weight.scale` and, for the asymmetric range,
 `<layer>.weight.offset` (the range's minimum: the paper's wide range starts at
 min(x) itself, not at a code, so an integer zero point could not reproduce it).
-Every other tensor is stored as it is. The metadata says how to rebuild the
-transformer (class and config) and each layer's bits, granularity and activation
-quantizer, so the file alone is the model: no checkpoint, no hub.
+Every other floating-point tensor is stored in the deployment's 16-bit dtype (what the
+teacher ships: bf16 for the real models), or float32 on request. The metadata says how
+to rebuild the transformer (class and config) and each layer's kind, bits, granularity
+and activation quantizer, so the file alone is the model: no checkpoint, no hub.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +24,26 @@ from torch import nn
 
 from fraqat_cli.cache import atomic_write
 from fraqat_cli.deployable import deployable_layers, layer_record
-from fraqat_cli.quant import PASS_THROUGH_BITS, QuantLinear, QuantSpec
+from fraqat_cli.quant import PASS_THROUGH_BITS, QuantConv2d, QuantizedLayer, QuantLinear, QuantSpec
 from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
 
-FORMAT = "fraqat-packed/1"
+# /2: unquantized tensors in a 16-bit dtype, 1x1 and depthwise convolutions, a record per layer kind.
+FORMAT = "fraqat-packed/2"
 QUANTIZER_PARTS = {"weight_quantizer", "input_quantizer"}  # their buffers are rebuilt from the metadata
+PLAIN_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
 class SizeReport:
-    """Bytes on disk against the same model in float32 and bfloat16."""
+    """Bytes on disk against the same model's every floating-point tensor in float32 and in 16 bits (the
+    teacher's file as bf16/fp16 models ship: a safetensors header aside, half the float32 bytes)."""
 
     file_bytes: int
     float32_bytes: int
     quantized_params: int
     total_params: int
+    plain_dtype: str = "float32"  # the dtype the file keeps its unquantized tensors in
 
     @property
     def of_float32(self) -> float:
@@ -51,26 +57,59 @@ class SizeReport:
         return {"file_bytes": self.file_bytes, "float32_bytes": self.float32_bytes,
                 "bfloat16_bytes": self.float32_bytes // 2, "of_float32": self.of_float32,
                 "of_bfloat16": self.of_bfloat16, "quantized_params": self.quantized_params,
-                "total_params": self.total_params}
+                "total_params": self.total_params, "plain_dtype": self.plain_dtype}
 
     def __str__(self) -> str:
-        return (f"{self.file_bytes / 2**20:.2f} MiB on disk = {self.of_float32:.3f} of float32 "
-                f"({self.float32_bytes / 2**20:.2f} MiB), {self.of_bfloat16:.3f} of bfloat16; "
-                f"{self.quantized_params:,}/{self.total_params:,} parameters quantized")
+        return (f"{self.file_bytes / 2**20:.2f} MiB on disk = {self.of_bfloat16:.3f} of the teacher in bfloat16 "
+                f"({self.float32_bytes / 2**21:.2f} MiB), {self.of_float32:.3f} of float32; "
+                f"{self.quantized_params:,}/{self.total_params:,} parameters quantized, the rest {self.plain_dtype}")
 
 
-def _plain_state(student: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+def _plain_state(student: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str, torch.Tensor]:
     """Every tensor of the student except the quantized weights and the quantizers' own buffers."""
+    return {k: v.detach() for k, v in _plain_state_vars(student, layers).items()}
+
+
+def _plain_state_vars(student: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str, torch.Tensor]:
     quantized_weights = {f"{name}.weight" for name in layers}
-    return {k: v for k, v in student.state_dict().items()
+    return {k: v for k, v in student.state_dict(keep_vars=True).items()
             if k not in quantized_weights and not QUANTIZER_PARTS & set(k.split("."))}
 
 
-def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the student") -> SizeReport:
-    """Write `student` (a diffusers transformer with `QuantLinear` layers) to `path` atomically.
+def plain_dtype(name: str) -> torch.dtype:
+    if name not in PLAIN_DTYPES:
+        raise ValueError(f"dtype={name!r} is not offered for unquantized tensors; allowed: {', '.join(PLAIN_DTYPES)}")
+    return getattr(torch, name)
+
+
+@torch.no_grad()
+def round_unquantized(student: nn.Module, dtype: str) -> nn.Module:
+    """Round the unquantized floating-point tensors the file holds (the state dict's: tables computed at
+    construction are not stored) through `dtype`, kept float32, in place: the model the file holds, so the
+    check compares like with like. ValueError when a value overflows `dtype`."""
+    target = plain_dtype(dtype)
+    if target == torch.float32:
+        return student
+    layers = {name: m for name, m in student.named_modules() if isinstance(m, QuantizedLayer)}
+    for name, tensor in _plain_state_vars(student, layers).items():
+        if not tensor.is_floating_point():
+            continue
+        rounded = tensor.to(target)
+        if bool(torch.isinf(rounded).any()) and not bool(torch.isinf(tensor).any()):
+            raise ValueError(f"tensor {name!r} overflows {dtype} (max |value| {float(tensor.abs().max()):.3g}); "
+                             f"export with dtype=bfloat16 or dtype=float32")
+        tensor.data = rounded.to(tensor.dtype)
+    return student
+
+
+def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the student",
+                  dtype: str = "float32") -> SizeReport:
+    """Write `student` (a diffusers transformer with quantized layers) to `path` atomically, its
+    unquantized floating-point tensors in `dtype` (bfloat16, float16 or float32).
 
     `info`: JSON-able facts stored in the metadata (model name, schedule, checkpoint).
     """
+    target = plain_dtype(dtype)
     layers = deployable_layers(student, source)
     tensors: dict[str, torch.Tensor] = {}
     records = {}
@@ -78,7 +117,7 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
         for name, layer in layers.items():
             record = layer_record(layer)
             spec = layer.weight_quantizer.spec
-            codes, scale, offset = quantize_to_codes(layer.weight, record["bits"], spec)
+            codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
             tensors[f"{name}.weight.codes"] = pack_codes(codes, record["bits"], spec.symmetric)
             tensors[f"{name}.weight.scale"] = scale
             if offset is not None:
@@ -86,12 +125,15 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
             records[name] = {**record, "storage": storage_of(record["bits"], spec.symmetric)}
     seen: set[int] = set()
     for key, value in _plain_state(student, layers).items():
-        value = value.detach().cpu().contiguous()
+        value = value.detach().cpu()
+        value = (value.to(target) if value.is_floating_point() else value).contiguous()
         tensors[key] = value.clone() if value.data_ptr() in seen else value  # safetensors refuses shared memory
         seen.add(value.data_ptr())
     cls = type(student)
     metadata = {
         "format": FORMAT,
+        "fraqat_version": _version(),
+        "plain_dtype": dtype,
         "transformer_class": f"{cls.__module__}.{cls.__qualname__}",
         "transformer_config": json.dumps(_config_of(student)),
         "layers": json.dumps(records),
@@ -100,16 +142,25 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
     from safetensors.torch import save_file
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return size_report(student, Path(path).stat().st_size)
+    return size_report(student, Path(path).stat().st_size, dtype)
 
 
-def size_report(student: nn.Module, file_bytes: int) -> SizeReport:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fraqat-cli")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def size_report(student: nn.Module, file_bytes: int, dtype: str = "float32") -> SizeReport:
     """`file_bytes` against the student's every floating-point tensor (parameters and buffers) in float32."""
     quantized = sum(m.weight.numel() for m in student.modules()
-                    if isinstance(m, QuantLinear) and m.weight_bits < PASS_THROUGH_BITS)
+                    if isinstance(m, QuantizedLayer) and m.weight_bits < PASS_THROUGH_BITS)
     float32_bytes = 4 * sum(v.numel() for v in _plain_state(student, {}).values() if v.is_floating_point())
     total = sum(p.numel() for p in student.parameters())
-    return SizeReport(file_bytes, float32_bytes, quantized, total)
+    return SizeReport(file_bytes, float32_bytes, quantized, total, dtype)
 
 
 def _config_of(model: nn.Module) -> dict:
@@ -145,39 +196,53 @@ def read_metadata(path: Path) -> dict[str, str]:
             metadata = f.metadata() or {}
     except Exception as error:
         raise ValueError(f"{str(path)!r} is not a safetensors file ({type(error).__name__}: {error})") from error
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a fraqat export (format {metadata.get('format')!r}, "
+    written = metadata.get("format")
+    if written is not None and written.startswith("fraqat-packed/") and written != FORMAT:
+        raise ValueError(f"{str(path)!r} was written by another fraqat version (format {written!r}, fraqat "
+                         f"{metadata.get('fraqat_version', 'before 0.2')}); this one reads {FORMAT!r}: export the "
+                         f"checkpoint again with this fraqat-export")
+    if written != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fraqat export (format {written!r}, "
                          f"expected {FORMAT!r}); write one with fraqat-export format=safetensors")
     return metadata
 
 
 def load_packed(path: Path | str) -> PackedStudent:
     """Rebuild the transformer from an `export_packed` file: codes dequantized exactly, activations
-    fake-quantized as in training. Tensors are read from the file one at a time into a model built without
-    weights, so the peak is the float32 model itself."""
+    fake-quantized as in training, unquantized tensors widened from the file's dtype to float32. Tensors
+    are read one at a time into a model built without weights, so the peak is the float32 model itself."""
     from safetensors import safe_open
 
-    metadata = read_metadata(Path(path))
+    path = Path(path).expanduser()
+    metadata = read_metadata(path)
     module, _, name = metadata["transformer_class"].rpartition(".")
     with parameters_on_meta():
         model = getattr(importlib.import_module(module), name).from_config(json.loads(metadata["transformer_config"]))
     records = json.loads(metadata["layers"])
     state = {}
-    with safe_open(str(Path(path).expanduser()), "pt") as f:
-        for key in f.keys():
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        get = lambda key: _stored_tensor(f, keys, key, path)  # noqa: E731
+        for key in keys:
             if not key.endswith((".weight.codes", ".weight.scale", ".weight.offset")):
-                state[key] = f.get_tensor(key)
+                value = f.get_tensor(key)
+                state[key] = value.float() if value.is_floating_point() else value
         for layer_name, record in records.items():
             spec = QuantSpec(record["granularity"], record["group_size"], record["symmetric"], record["rounding"])
-            codes = unpack_codes(f.get_tensor(f"{layer_name}.weight.codes"), record["bits"], spec.symmetric,
-                                 tuple(record["shape"]))
-            offset = f.get_tensor(f"{layer_name}.weight.offset") if not spec.symmetric else None
-            state[f"{layer_name}.weight"] = dequantize_codes(codes, f.get_tensor(f"{layer_name}.weight.scale"),
-                                                             offset, spec)
+            shape = tuple(record["shape"])
+            matrix = (shape[0], math.prod(shape[1:]))  # codes and scales are laid out over the matrix view
+            codes = unpack_codes(get(f"{layer_name}.weight.codes"), record["bits"], spec.symmetric, matrix)
+            offset = get(f"{layer_name}.weight.offset") if not spec.symmetric else None
+            weight = dequantize_codes(codes, get(f"{layer_name}.weight.scale"), offset, spec)
+            state[f"{layer_name}.weight"] = weight.reshape(shape)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"{str(path)!r} does not match {metadata['transformer_class']}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks tensor {missing[0]!r} of {metadata['transformer_class']}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                         + "; the file is incomplete: export it again")
+    if unexpected:
+        raise ValueError(f"{str(path)!r} holds tensor {unexpected[0]!r}, which {metadata['transformer_class']} "
+                         f"built from the file's config does not have; the file does not match its metadata")
     info = json.loads(metadata.get("info", "{}"))
     _round_tables_as_trained(model, state.keys(), info.get("teacher_dtype"))
     for layer_name, record in records.items():
@@ -217,15 +282,25 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _stored_tensor(f, keys: set[str], key: str, path: Path) -> torch.Tensor:
+    if key not in keys:
+        raise ValueError(f"{str(path)!r} lacks tensor {key!r}, which its layer records need; the file is "
+                         f"incomplete: export it again")
+    return f.get_tensor(key)
+
+
 def _swap_in(model: nn.Module, name: str, record: dict) -> None:
-    """Put a `QuantLinear` at `name` whose weight is used as loaded (already on the grid) and whose
-    input is quantized as the record says."""
+    """Put a quantized layer of the record's kind at `name` whose weight is used as loaded (already on the
+    grid) and whose input is quantized as the record says."""
     act = record["activation"]
-    layer = QuantLinear.from_linear(
-        model.get_submodule(name), weight_bits=None, activation_bits=act["bits"],
+    settings = dict(
+        weight_bits=None, activation_bits=act["bits"],
         activation_spec=QuantSpec(act["granularity"], act["group_size"], act["symmetric"], act["rounding"]),
         static_activations=act["static"],
     )
+    plain = model.get_submodule(name)
+    layer = (QuantLinear.from_linear(plain, **settings) if record.get("kind", "linear") == "linear"
+             else QuantConv2d.from_conv(plain, **settings))
     if act["range"] is not None:
         layer.input_quantizer.range_min.fill_(act["range"][0])
         layer.input_quantizer.range_max.fill_(act["range"][1])

@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from fraqat_cli.checks import positive_int
-from fraqat_cli.prompts import offline_captions, read_prompt_file
+from fraqat_cli.prompts import offline_captions, read_prompt_file, read_text
 from fraqat_cli.shapes import Scene, sample_scenes
 
 
@@ -60,7 +60,7 @@ def coco_caption_pairs(captions_file, count: int, seed: int) -> list[tuple[str, 
             f"(captions_train2017.json for training)"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "COCO captions file"))
         files = {image["id"]: image["file_name"] for image in data["images"]}
         first = {}
         for note in data["annotations"]:

@@ -8,6 +8,7 @@ describes, so a prompt and a training image speak the same words.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from pathlib import Path
@@ -47,11 +48,36 @@ def tokenizer_corpus() -> list[str]:
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line."""
+    """One prompt per non-empty line; blank lines are skipped, and how many is said."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    stat = path.stat()
+    return list(_prompt_lines(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _prompt_lines(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    """The prompts of a file as it is now (its time and size in the key): read, and warned about, once."""
+    lines = [line.strip() for line in read_text(Path(path), "prompt file").splitlines()]
+    prompts = tuple(line for line in lines if line)
     if not prompts:
-        raise ValueError(f"prompt file {str(path)!r} holds no prompt; write one prompt per line")
+        raise ValueError(f"prompt file {path!r} holds no prompt; write one prompt per line")
+    if len(prompts) < len(lines):
+        from fraqat_cli.cli import warn
+
+        warn(f"prompt file {path!r}: {len(lines) - len(prompts)} blank line(s) skipped, {len(prompts)} prompts read")
     return prompts
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark allowed); a byte that is not UTF-8 is refused naming the
+    file, the line and the column, where a user can find it (not the byte offset Python's decoder gives)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{what} {str(path)!r}, line {line}, column {column}: byte 0x{data[error.start]:02x} is not "
+                         f"UTF-8 text; save the file as UTF-8") from None

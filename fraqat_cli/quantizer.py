@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fraqat_cli.quant import DEFAULT_INCLUDE, QuantConfig, QuantSpec
+from fraqat_cli.quant import DEFAULT_INCLUDE, DEFAULT_LAYERS, QuantConfig, QuantSpec
 
 
 def build_quant_config(
@@ -29,5 +29,11 @@ def build_quant_config(
         activation_bits=quantizer.get("activation_bits", 8),
         static_activations=bool(quantizer.get("static_activations", False)),
         include=tuple(selection.get("include") or DEFAULT_INCLUDE),
+        layers=_kinds(quantizer.get("layers", DEFAULT_LAYERS)),  # linear, pointwise_conv, depthwise_conv
         exclude=tuple(selection.get("exclude") or ()),
     )
+
+
+def _kinds(layers):
+    """A list of layer kinds as a tuple; a lone string passes as it is, for QuantConfig to name in its error."""
+    return layers if isinstance(layers, str) else tuple(layers)

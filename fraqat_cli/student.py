@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fraqat_cli.checkpointing import StudentCheckpoint, release_pages
-from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizationSummary, QuantLinear, quantize_model
+from fraqat_cli.lora import merge_lora_state
+from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizationSummary, QuantizedLayer, quantize_model
 from fraqat_cli.quantizer import build_quant_config
 
 
@@ -85,16 +86,24 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     memory-mapped tensors, not copies (export). `bake`: each quantized weight is fake-quantized once, in
     float32 from its master weight exactly as in training, then cast to `dtype` (evaluation): the student
     multiplies by the very weights it trained with, rounded once to `dtype`. Quantizer buffers stay float32.
+    A checkpoint with a NaN or infinite tensor (a diverged run's) is refused.
     """
+    from fraqat_cli.divergence import first_non_finite
+
+    if (bad := first_non_finite(checkpoint.state)) is not None:
+        raise ValueError(f"checkpoint {str(checkpoint.path)!r} holds non-finite weights ({bad!r} has NaN or inf): "
+                         f"the run that wrote it diverged; use an earlier checkpoint of that run")
     student = model_skeleton(skeleton)
     quantize_student(student, checkpoint.config.quantizer, checkpoint.config.get("selection"),
                      checkpoint.weight_bits or PASS_THROUGH_BITS)
     quantizers = {f"{name}.{key}" for name, m in student.named_modules() if isinstance(m, FakeQuantizer)
                   for key, _ in m.named_buffers(recurse=False)}
-    quantized = {f"{name}.weight": m for name, m in student.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {f"{name}.weight": m for name, m in student.named_modules() if isinstance(m, QuantizedLayer)}
     release = bake and checkpoint.mapped  # the student gets its own copies: the file's pages go as read
+    stored, merged = merge_lora_state(checkpoint.state)  # LoRA-QAT: each W + scale B A, computed as in training
+    fresh = {stored[k].data_ptr() for k in merged}  # new memory, not the file's: never released
     state = {}
-    for key, tensor in checkpoint.state.items():
+    for key, tensor in stored.items():
         if bake and key in quantized:
             state[key] = tensor  # baked below, one layer at a time, from the float32 master weight
             continue
@@ -102,7 +111,7 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
             value = tensor.to(device)
         else:
             value = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        if release:
+        if release and tensor.data_ptr() not in fresh:
             value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
             release_pages(tensor)
         state[key] = value
@@ -124,10 +133,10 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
         with torch.no_grad():
             for layer in quantized.values():
                 master = layer.weight
-                weight = layer.weight_quantizer(master.to(device=device, dtype=torch.float32))
+                weight = layer.quantize_weight(master.to(device=device, dtype=torch.float32))
                 layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
                 layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
-                if release:
+                if release and master.data_ptr() not in fresh:
                     release_pages(master)
     leftover = [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
     if leftover:

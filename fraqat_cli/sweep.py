@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from fraqat_cli.files import atomic_write
 
 METRICS_FILE = "metrics.json"
-COLUMNS = ("job", "overrides", "final_loss", "final_bits", "steps", "checkpoint")
+COLUMNS = ("job", "overrides", "final_loss", "validation_loss", "final_bits", "steps", "checkpoint")
 
 
 def summarize_sweep(sweep_dir: str | Path) -> Path:

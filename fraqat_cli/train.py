@@ -41,6 +41,11 @@ def job_overrides() -> list[str]:
 def check_numbers(cfg: DictConfig) -> None:
     """Reject nonsense before any model is built."""
     from fraqat_cli.checkpointing import check_checkpoint_settings
+    from fraqat_cli.divergence import check_divergence_settings
+    from fraqat_cli.lora import check_lora_settings
+    from fraqat_cli.optimizers import check_optimizer
+    from fraqat_cli.quantizer import build_quant_config
+    from fraqat_cli.validation import held_out_rows
 
     positive_int("trainer.max_steps", cfg.trainer.max_steps)
     positive_number("optim.lr", cfg.optim.lr)
@@ -49,8 +54,14 @@ def check_numbers(cfg: DictConfig) -> None:
     positive_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
     check_run_length(cfg)
     check_checkpoint_settings(cfg)
+    check_optimizer(cfg.optim, cfg.trainer)
+    check_lora_settings(cfg.trainable)
+    check_divergence_settings(cfg)
+    positive_int("validation.every_n_steps", cfg.validation.every_n_steps)
+    held_out_rows(2, cfg.validation.share, 0)  # the share's range, checked before any model is built
     if cfg.quantizer.static_activations:
         positive_int("quantizer.calibration_batches", cfg.quantizer.calibration_batches)
+    build_quant_config(cfg.quantizer, cfg.selection)  # granularity, rounding, layer kinds: before any folder
 
 
 def train(cfg: DictConfig) -> dict:
@@ -58,12 +69,16 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
 
     from fraqat_cli.checkpointing import resume_path
+    from fraqat_cli.files import check_writable
+    from fraqat_cli.plan import check_before_training
 
     # 1. Everything that can be wrong with the config fails here, before a model is built.
     check_numbers(cfg)
     schedule, source = instantiate_or_raise(cfg.schedule), instantiate_or_raise(cfg.data)
     run_dir = output_dir()
-    ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")
+    check_writable(run_dir / "checkpoints", "nothing was trained: make it writable or choose another hydra.run.dir")
+    ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")  # the newest readable one, when resuming
+    check_before_training(cfg)  # on a GPU: a warning when the traced step will not fit its memory (fraqat-plan)
     L.seed_everything(cfg.seed, workers=True)
 
     # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
@@ -93,6 +108,7 @@ class TrainingData:
     num_workers: int
     grid_cond: dict  # the sample grid's prompts, in memory
     negative: dict
+    held_out: object = None  # rows never trained on: the validation loss's (`fraqat_cli.validation`)
 
     def loader(self):
         import torch
@@ -107,28 +123,34 @@ def prepare_data(cfg: DictConfig, source) -> TrainingData:
     from fraqat_cli.conditioning import conditioning_store
     from fraqat_cli.data import ConditionedLatents
     from fraqat_cli.models import load_pipeline
+    from fraqat_cli.validation import split_rows
 
     family, noise = instantiate(cfg.model.family), instantiate(cfg.model.noise)
     conditioning = conditioning_store(cfg.model, source.prompts(), cfg.cache_dir)
     pipe = load_pipeline(cfg.model, without=family.text_parts)
     latents = source.latent_store(pipe, family, cfg.model, conditioning, cfg.cache_dir, cfg.seed)
     noise.bind(pipe.scheduler.config)
-    return TrainingData(pipe, family, noise, ConditionedLatents(conditioning, latents), source.batch_size,
-                        source.num_workers, conditioning.read(0, cfg.num_sample_images), conditioning.shared())
+    rows = ConditionedLatents(conditioning, latents)
+    train_rows, held_out = split_rows(rows, cfg.validation.share, cfg.validation.seed)
+    return TrainingData(pipe, family, noise, train_rows, source.batch_size, source.num_workers,
+                        conditioning.read(0, cfg.num_sample_images), conditioning.shared(), held_out)
 
 
 def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
     from fraqat_cli.distill import DistillationModule
+    from fraqat_cli.lora import lora_from_config
     from fraqat_cli.student import build_student
 
     teacher = data.pipe.transformer
     student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
+    if (lora := lora_from_config(student, cfg.trainable)) is not None:  # trainable=lora: low-rank QAT
+        print(lora)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     print(f"student: {summary}; schedule: {schedule}")
     module = DistillationModule(
         teacher, student, data.family, data.noise,
-        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+        optimizer=instantiate_or_raise(cfg.optim),
         trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
         record={"schedule": repr(schedule)},
     )
@@ -142,12 +164,18 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     import lightning as L
 
     from fraqat_cli.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
-    from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, checkpoint_sizes
+    from fraqat_cli.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, report_checkpoint_space
+    from fraqat_cli.divergence import divergence_guard
     from fraqat_cli.sampling import student_grid_maker
+    from fraqat_cli.validation import HeldOutLoss
 
-    print(checkpoint_sizes(student))
+    report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
     stats = StepStats()
     callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
+    if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
+        callbacks.append(guard)
+    if data.held_out is not None:
+        callbacks.append(HeldOutLoss(data.held_out, cfg.validation.every_n_steps, data.batch_size, cfg.validation.seed))
     if cfg.sample_every_n_steps > 0:
         make_grid = student_grid_maker(data.pipe, data.family, cfg.model, data.grid_cond, data.negative,
                                        cfg.num_sample_images, cfg.seed)
@@ -183,6 +211,7 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
         "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
         "steps": int(trainer.global_step),
         **stats.summary(),
+        **held_out_summary(trainer),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
@@ -191,6 +220,13 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
     if trainer.is_global_zero:
         atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
+
+
+def held_out_summary(trainer) -> dict:
+    """The validation loss (last and curve), when the run holds rows out."""
+    from fraqat_cli.validation import HeldOutLoss
+
+    return next((c.summary() for c in trainer.callbacks if isinstance(c, HeldOutLoss)), {})
 
 
 def first_batches(dataset, batch_size: int, count: int) -> list[dict]:

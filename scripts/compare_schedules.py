@@ -114,8 +114,9 @@ def summarize(rows: list[dict]) -> str:
     groups = _by_seed(rows)
     mean = lambda key, k: statistics.fmean(r[k] for r in groups[key].values())  # noqa: E731
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-    extra = [k for k in ("fid_val", "attribute_accuracy") if all(k in r for r in rows)]
-    names = {"fid_val": "FID vs validation images", "attribute_accuracy": "attribute accuracy"}
+    extra = [k for k in ("fid_val", "attribute_accuracy", "validation_loss") if all(k in r for r in rows)]
+    names = {"fid_val": "FID vs validation images", "attribute_accuracy": "attribute accuracy",
+             "validation_loss": "validation loss (training's hold-out)"}
     lines = ["| rounding | schedule | granularity | seeds | FID vs teacher mean ± sd | vs standard | "
              + "".join(f"{names[k]} | " for k in extra) + "held-out loss mean ± sd |",
              "|---|---|---|---|---|---|" + "---|" * len(extra) + "---|"]
@@ -137,7 +138,9 @@ def summarize(rows: list[dict]) -> str:
         if base_key in groups and schedule not in ("standard", "fp"):
             base = groups[base_key]
             gap = f"{(statistics.fmean(fid) - mean(base_key, 'fid')) / mean(base_key, 'fid'):+.1%}"
-            for measure, name in (("fid", "FID vs teacher"), ("held_out_loss", "held-out loss")):
+            measures = [("fid", "FID vs teacher"), ("held_out_loss", "held-out loss")]
+            measures += [("validation_loss", "validation loss")] if "validation_loss" in extra else []
+            for measure, name in measures:
                 paired = [seeds[s][measure] / base[s][measure] - 1 for s in sorted(seeds.keys() & base.keys())]
                 gaps.append(f"| {label} | {schedule} | {granularity} | {name} | {len(paired)} | "
                             + _interval_cells(paired, percent=True))
@@ -215,7 +218,7 @@ def train_and_evaluate(args, bindir: Path, env: dict, sweep: Path, train: bool) 
              f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
              f"data.num_prompts={args.prompts}",
              "trainer.enable_progress_bar=false", f"checkpoint_every_n_steps={args.steps}",
-             f"hydra.sweep.dir={sweep}",
+             f"hydra.sweep.dir={sweep}", *args.overrides,
              # Named by what differs, not by job number: runs of several invocations share one sweep folder,
              # and an invocation that repeats a job resumes (or keeps) it.
              "hydra.sweep.subdir=${run_name}-${quantizer.rounding}-seed${seed}"], env)
@@ -273,6 +276,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
     parser.add_argument("--workers", type=int, default=2, help="parallel fraqat-eval processes (one thread each)")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more fraqat-train overrides for every job, e.g. trainable=lora (scripts/compare_lora.py)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate and tabulate the students already trained in --out (e.g. after an interruption)")
@@ -301,10 +306,14 @@ def main() -> None:
         config = StudentCheckpoint.read(r["checkpoint"]).config  # memory-mapped: no optimizer state read
         r["seed"], r["rounding"] = config["seed"], config["quantizer"]["rounding"]
         r["held_out_loss"] = held_out_loss(Path(r["checkpoint"]), cache_dir, count=32 if not args.smoke else 4)
+        metrics = StudentCheckpoint.run_folder(Path(r["checkpoint"])) / "metrics.json"
+        if metrics.is_file() and "validation_loss" in json.loads(metrics.read_text()):
+            r["validation_loss"] = json.loads(metrics.read_text())["validation_loss"]  # the run's own hold-out
         rows.append(r)
     table = summarize(rows)
     (args.out / "table.md").write_text(table + "\n")
-    keep = ("rounding", "schedule", "granularity", "seed", "fid", "fid_val", "attribute_accuracy", "held_out_loss")
+    keep = ("rounding", "schedule", "granularity", "seed", "fid", "fid_val", "attribute_accuracy", "held_out_loss",
+            "validation_loss")
     per_seed = {"steps": args.steps, "lr": args.lr, "training_prompts": args.prompts, "images": args.images,
                 "val_seed": args.val_seed,
                 "runs": [{k: r[k] for k in keep if k in r} for r in sorted(rows, key=lambda r: (_order(

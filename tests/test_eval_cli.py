@@ -201,3 +201,20 @@ def test_checkpoint_of_another_model_is_refused(sweep, tmp_path):
                        f"results_csv={tmp_path}/results.csv", "clip.model=null", "logger=none")
     with pytest.raises(ValueError, match="student of model 'tiny_sana', not of model='tiny_pixart'"):
         evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_clip_weights_add_clip_score_and_clip_fid_against_the_teachers_images(sweep, evaluated, cache_dir, tmp_path):
+    from test_metrics import tiny_clip
+
+    job = sorted(p for p in sweep.iterdir() if (p / "checkpoints").is_dir())[0]
+    result = fraqat_eval([f"ckpt=[{job},teacher]", "model=tiny_sana", *EVAL_FAST, f"clip.model={tiny_clip(tmp_path)}",
+                          "logger=none",
+                          f"results_csv={tmp_path}/results.csv", f"hydra.run.dir={tmp_path}/out"],
+                         cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_label = {r["label"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert by_label["tiny_sana-teacher"]["clip_fid"] == 0.0, "the teacher against its own images"
+    student = by_label[job.name]
+    assert student["clip_fid"] > 0 and 0 <= student["clip_score"] <= 100
+    assert "| CLIP-FID |" in result.stdout

@@ -233,7 +233,7 @@ def test_static_activations_past_their_range_saturate_in_the_graph_where_the_stu
     the whole-model check's tolerance cannot see one code, so one layer, exactly."""
     from torch import nn
 
-    from fraqat_cli.onnx_export import OPSET, QDQLinear, run_onnxruntime
+    from fraqat_cli.onnx_export import OPSET, QDQLayer, run_onnxruntime
     from fraqat_cli.quant import QuantLinear
 
     layer = QuantLinear.from_linear(nn.Linear(4, 1, bias=False), weight_spec=QuantSpec("per_tensor"), weight_bits=8,
@@ -244,7 +244,7 @@ def test_static_activations_past_their_range_saturate_in_the_graph_where_the_stu
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # the output is the first input, dequantized
     x = torch.tensor([[-1.5, 0.0, 0.0, 0.0], [1.5, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.0]])  # (3, 4)
-    torch.onnx.export(QDQLinear(layer, "layer").eval(), (x,), dynamo=True, opset_version=OPSET, input_names=["x"],
+    torch.onnx.export(QDQLayer(layer, "layer").eval(), (x,), dynamo=True, opset_version=OPSET, input_names=["x"],
                       verbose=False).save(str(tmp_path / "layer.onnx"))
     with torch.no_grad():
         expected = layer(x)
@@ -306,11 +306,11 @@ def test_a_graph_past_the_single_file_limit_keeps_its_tensors_beside_it(families
 def test_a_graph_without_its_activation_quantizers_is_refused(families, tmp_path, monkeypatch):
     """An output comparison cannot see a missing 8-bit activation quantizer (too small an effect); the graph
     check does."""
-    from fraqat_cli.onnx_export import QDQLinear, export_onnx
+    from fraqat_cli.onnx_export import QDQLayer, export_onnx
 
     model_cfg, family, teacher, example = families["tiny_pixart"]
     student = quantized_student(teacher, model_cfg, "per_channel")
-    monkeypatch.setattr(QDQLinear, "_activation", lambda self, x: x)
+    monkeypatch.setattr(QDQLayer, "_activation", lambda self, x: x)
     with pytest.raises(RuntimeError, match="multiply dequantized weights by dequantized activations"):
         export_onnx(student, family, example, tmp_path / "s.onnx", {})
     assert not (tmp_path / "s.onnx").exists()

@@ -40,8 +40,10 @@ def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir,
     assert report["size"]["file_bytes"] == (tmp_path / "w4.safetensors").stat().st_size
     assert 0 < report["size"]["of_float32"] < 1 and report["size"]["of_bfloat16"] == pytest.approx(
         2 * report["size"]["of_float32"])
+    assert report["size"]["plain_dtype"] == "float16"  # auto: a float32-inference model ships 16-bit
     assert {layer["bits"] for layer in report["layers"].values()} == {4}
-    assert "of float32" in result.stdout and "relative difference" in result.stdout
+    assert "of float32" in result.stdout and "of the teacher in bfloat16" in result.stdout
+    assert "relative difference" in result.stdout
 
     from fraqat_cli.packed import load_packed
 
@@ -104,7 +106,8 @@ def test_an_export_that_fails_its_check_writes_nothing(run_dir, cache_dir):
 def test_a_refusal_exits_2_with_one_line_and_writes_nothing(run_dir, cache_dir, tmp_path):
     result = fraqat_export([f"ckpt={run_dir}", "format=tflite"], tmp_path, cache_dir)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "fraqat-export: error: format='tflite' is not offered; allowed: safetensors, onnx" in result.stderr
+    assert "fraqat-export: error: format='tflite' is not offered; allowed: safetensors, onnx, onnx_nbits" \
+        in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
@@ -112,6 +115,8 @@ def test_a_refusal_exits_2_with_one_line_and_writes_nothing(run_dir, cache_dir, 
     (["out=student.bin"], "must end in .safetensors"),
     (["example.batch_size=0"], "example.batch_size must be a positive integer"),
     (["format=onnx", "tolerance.onnx=0"], "tolerance.onnx must be a positive number"),
+    (["dtype=int8"], "dtype='int8' is not offered for unquantized tensors; allowed: auto, bfloat16, float16, float32"),
+    (["format=onnx_nbits", "runtime.block_size=48"], "runtime.block_size=48 is not a MatMulNBits block size"),
 ])
 def test_bad_settings_name_the_value_and_what_is_allowed(run_dir, cache_dir, tmp_path, args, message):
     with pytest.raises(ValueError, match=message):
@@ -127,3 +132,46 @@ def test_missing_checkpoint_and_sweep_folder_are_refused(run_dir, cache_dir, tmp
     with pytest.raises(ValueError, match="sweep folder of 2 runs; export one run at a time"):
         export_in_process([f"ckpt={sweep}"], cache_dir)
     assert not list(sweep.glob("*/export"))
+
+
+@pytest.mark.slow
+def test_the_deployed_file_is_evaluated_inside_the_pipeline(run_dir, cache_dir, tmp_path):
+    """`fraqat-export` then `fraqat-eval ckpt=<the file>`: the packed 4-bit runtime, measured in the pipeline."""
+    result = fraqat_export([f"ckpt={run_dir}", "format=onnx_nbits", "dtype=auto"], tmp_path, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    graph = run_dir / "export" / "student.nbits.onnx"
+    report = json.loads((run_dir / "export" / "student.nbits.onnx.json").read_text())
+    assert report["format"] == "onnx_nbits" and report["runtime"]["accuracy_level"] == 4
+    assert report["check"]["relative_difference"] < report["check"]["tolerance"] == 5e-2
+    evaluated = subprocess.run(
+        [str(Path(sys.executable).parent / "fraqat-eval"), f"ckpt={graph}", "prompts.count=4", "batch_size=4",
+         "logger=none", "clip.model=null", f"results_csv={tmp_path}/results.csv", f"hydra.run.dir={tmp_path}/out"],
+        cwd=tmp_path, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (results,) = [json.loads(p.read_text()) for p in (run_dir / "export" / "eval").glob("*/results.json")]
+    assert results["checkpoint"] == str(graph) and results["num_images"] == 4 and results["fid"] >= 0
+    assert "deployed-student-nbits-onnx" in results["label"] and results["model"] == "tiny_sana"
+
+
+def test_the_16_bit_export_reproduces_the_deployed_student_exactly(run_dir, cache_dir, tmp_path):
+    report = export_in_process([f"ckpt={run_dir}", "dtype=bfloat16", f"out={tmp_path}/s.safetensors"], cache_dir)
+    assert report["check"]["relative_difference"] == 0 and report["size"]["plain_dtype"] == "bfloat16"
+    assert 0 < report["check"]["unquantized_rounding"] < 1e-1  # bf16 moves the float32 student, a little
+    full = export_in_process([f"ckpt={run_dir}", "dtype=float32", f"out={tmp_path}/f.safetensors"], cache_dir)
+    assert report["size"]["file_bytes"] < full["size"]["file_bytes"] and full["check"]["unquantized_rounding"] == 0
+
+
+@pytest.mark.slow
+def test_a_student_with_quantized_convolutions_trains_exports_and_is_refused_where_unexpressible(cache_dir, tmp_path):
+    kinds = "quantizer.layers=[linear,pointwise_conv,depthwise_conv]"
+    trained = fraqat_train([*FAST, "quantizer=per_channel", kinds, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
+                           cache_dir=cache_dir)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = export_in_process([f"ckpt={tmp_path}/run"], cache_dir)
+    assert {r["kind"] for r in report["layers"].values()} == {"linear", "pointwise_conv", "depthwise_conv"}
+    assert report["check"]["relative_difference"] == 0
+    refused = fraqat_export([f"ckpt={tmp_path}/run", "format=onnx_nbits"], tmp_path, cache_dir)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    error = [line for line in refused.stderr.splitlines() if line.startswith("fraqat-export: error:")]
+    assert len(error) == 1 and "depthwise_conv layers" in error[0] and "it expresses linear, pointwise_conv" in error[0]
+    assert not list((tmp_path / "run" / "export").glob("*.onnx*"))

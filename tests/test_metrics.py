@@ -137,3 +137,15 @@ def test_clip_without_weights_is_reported_not_raised():
 
     model, reason = load_clip("/nonexistent/clip-folder")
     assert model is None and "CLIP score skipped" in reason
+
+
+def test_clip_fid_uses_clean_fids_folder_path_with_a_local_clip(tmp_path, folders):
+    from fraqat_cli.clip_score import CLIPImageFeatures, load_clip
+
+    model, processor = load_clip(str(tiny_clip(tmp_path)))
+    extractor = CLIPImageFeatures(model, processor)
+    assert extractor.resize(np.zeros((50, 80, 3), np.uint8)).shape == (32, 32, 3), "short side, then centre crop"
+    a, noise = (folder_features(folders / name, extractor, CPU) for name in ("a", "noise"))
+    assert a.shape == (12, 16), "the projected image embedding: projection_dim features"
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid_from_features(a, noise) > 0

@@ -49,6 +49,7 @@ def test_multirun_leaves_a_summary_row_per_job(family_sweep):
         rows = list(csv.DictReader(f))
     assert sorted(r["overrides"].split()[0] for r in rows) == sorted(f"model={m}" for m in FAMILIES)
     assert all(float(r["final_bits"]) == 4.0 and r["checkpoint"].endswith("last.ckpt") for r in rows)
+    assert all(float(r["validation_loss"]) > 0 for r in rows), "each job's held-out loss"
 
 
 @pytest.mark.slow

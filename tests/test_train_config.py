@@ -23,8 +23,8 @@ def compose_train(*overrides: str):
         return compose(config_name="train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "schedule", "quantizer", "trainable", "data", "trainer", "logger",
-                                   "experiment"])
+@pytest.mark.parametrize("group", ["model", "schedule", "quantizer", "trainable", "optim", "data", "trainer",
+                                   "logger", "experiment"])
 def test_every_option_of_every_group_composes(group):
     for option in options(group):
         cfg = compose_train(f"{group}={option}")

@@ -1,4 +1,5 @@
-"""The quantized linear layer: an `nn.Linear` whose weight and input pass through fake quantizers."""
+"""The quantized linear layer: an `nn.Linear` whose weight and input pass through fake quantizers; what every
+quantized layer kind shares (`QuantizedLayer`)."""
 
 from __future__ import annotations
 
@@ -112,13 +113,38 @@ class ActivationQuantizer(FakeQuantizer):
         return super().extra_repr() + (", static" if self.static else ", dynamic")
 
 
-class QuantLinear(nn.Linear):
+class QuantizedLayer:
+    """What every fake-quantized layer shares (a mixin beside its `nn.Module` class): a `weight` whose
+    first dimension is the output channel, a `weight_quantizer` that sees it as a matrix (output channel x
+    everything else, so per-channel means per output channel and groups run along the inputs) and an
+    `input_quantizer`. `kind` names the layer kind the quantizer's `layers` option selects."""
+
+    kind: str
+
+    def weight_matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` (default: the layer's own) as the 2-D matrix its codes and scales are laid out over."""
+        weight = self.weight if weight is None else weight
+        return weight.reshape(weight.shape[0], -1)
+
+    def quantize_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized `weight` (default: the layer's own), in the weight's own shape."""
+        weight = self.weight if weight is None else weight
+        return self.weight_quantizer(self.weight_matrix(weight)).reshape(weight.shape)
+
+    @property
+    def weight_bits(self) -> float:
+        return self.weight_quantizer.current_bits
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
     """Drop-in `nn.Linear` computing `linear(Qa(x), Qw(W), b)` with fake-quantized W and x.
 
     It keeps the original full-precision weight (the trained parameter); the
     quantizers are applied on the fly, so the weight bit-width can change at any
     step without rebuilding the layer.
     """
+
+    kind = "linear"
 
     def __init__(
         self,
@@ -168,10 +194,6 @@ class QuantLinear(nn.Linear):
             linear.bias.copy_(self.bias)
         return linear
 
-    @property
-    def weight_bits(self) -> float:
-        return self.weight_quantizer.current_bits
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
@@ -196,10 +218,10 @@ def calibrate_activations(model: nn.Module):
 
 def weight_bits_of(model: nn.Module) -> set[float]:
     """The distinct weight bit-widths of a model's quantized layers (PASS_THROUGH_BITS means full precision)."""
-    return {m.weight_bits for m in model.modules() if isinstance(m, QuantLinear)}
+    return {m.weight_bits for m in model.modules() if isinstance(m, QuantizedLayer)}
 
 
 __all__ = [
-    "ActivationQuantizer", "FakeQuantizer", "PASS_THROUGH_BITS", "QuantLinear",
+    "ActivationQuantizer", "FakeQuantizer", "PASS_THROUGH_BITS", "QuantLinear", "QuantizedLayer",
     "calibrate_activations", "weight_bits_of",
 ]

@@ -1,0 +1,248 @@
+"""Is the deployed 4-bit model really smaller and faster in memory than its teacher? One denoiser step, batch 1, CPU.
+
+Per model it compares (a) the PyTorch float32 teacher, (b) the same teacher as a float32 ONNX graph in
+onnxruntime, (c) the fake-quantized PyTorch student (as trained: W4 per-channel, A8, every linear layer and
+1x1 convolution) and (d) the packed 4-bit runtime: the student exported with `format=onnx_nbits`
+(onnxruntime MatMulNBits, int8 compute). It prints
+- latency: the median over `--reps` rounds, each round running a, b, c, d once in turn (interleaved, so a
+  busy machine slows all four alike), and each variant's ratio to (b);
+- resident weight memory: the bytes of tensors the module or session holds (parameters and buffers; graph
+  initializers), and the peak RSS growth of a fresh process that builds the variant and runs one step.
+Then a single layer, MatMulNBits against an fp32 MatMul on the same tokens, over widths: the crossover.
+
+    python benchmarks/deploy_runtime.py           # toy, 7 M PixArt, a width-1024 PixArt, layer sweep (~5 min)
+    python benchmarks/deploy_runtime.py --smoke   # a tiny PixArt, 3 reps, seconds
+
+Targets (issue 13): (d)'s resident weights at most 0.35x (b)'s; at width >= 1024, (d)'s latency at most 0.7x (b)'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = ("a: torch fp32 teacher", "b: onnx fp32 teacher", "c: torch fake-quant student", "d: onnx 4-bit packed")
+
+
+def build(name: str, width: int, layers: int):
+    """(transformer, family, example inputs) for the toy or a seeded random PixArt of `width` x `layers`."""
+    from diffusers import PixArtTransformer2DModel
+
+    from fraqat_cli.families import PixArtFamily, SanaFamily
+
+    torch.manual_seed(0)
+    if name == "toy":
+        from fraqat_cli.toy import toy_transformer
+
+        model, family, tokens, channels = toy_transformer(), SanaFamily(), 32, 384
+        latents = torch.randn(1, 4, 16, 16)
+    else:
+        heads = width // 64
+        model = PixArtTransformer2DModel(
+            num_attention_heads=heads, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=layers,
+            cross_attention_dim=width, sample_size=16, patch_size=2, caption_channels=width)
+        family, tokens, channels = PixArtFamily(), 32, width
+        latents = torch.randn(1, 4, 16, 16)
+    example = {"latents": latents, "timestep": torch.tensor([500.0]),
+               "prompt_embeds": torch.randn(1, tokens, channels), "prompt_attention_mask": torch.ones(1, tokens)}
+    return model.eval(), family, example
+
+
+def student_of(model):
+    from fraqat_cli.quant import QuantConfig, QuantSpec, quantize_model
+
+    quantize_model(model, QuantConfig(weight=QuantSpec("per_channel"), weight_bits=4, include=("*",),
+                                      layers=("linear", "pointwise_conv")))
+    return model.eval()
+
+
+def torch_step(model, family, example):
+    from fraqat_cli.export_example import student_prediction
+
+    with torch.no_grad():
+        return student_prediction(model, family, example)
+
+
+def module_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def session(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # one core each, as the torch side (torch.set_num_threads(1))
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def write_graphs(name: str, width: int, layers: int, folder: Path) -> tuple[Path, Path]:
+    import onnx
+
+    from fraqat_cli.onnx_export import DenoiserGraph, _squeeze_dim
+    from fraqat_cli.onnx_nbits import export_nbits
+
+    model, family, example = build(name, width, layers)
+    wrapper = DenoiserGraph(model, family, [k for k in example if k not in ("latents", "timestep")]).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, tuple(example.values()), dynamo=True, opset_version=21,
+                                    input_names=list(example), output_names=["prediction"], verbose=False,
+                                    custom_translation_table={torch.ops.aten.squeeze.dim: _squeeze_dim})
+    fp32, nbits = folder / f"{name}-fp32.onnx", folder / f"{name}-nbits.onnx"
+    onnx.save(program.model_proto, str(fp32))
+    export_nbits(student_of(model), family, example, nbits, {})
+    return fp32, nbits
+
+
+def feeds(example) -> dict:
+    return {k: v.numpy() for k, v in example.items()}
+
+
+def peak_rss_growth(variant: int, name: str, width: int, layers: int, graph: Path | None) -> float:
+    """MiB: peak RSS of a fresh process after building `variant` and one step, minus its RSS before."""
+    command = [sys.executable, __file__, "--child", str(variant), name, str(width), str(layers), str(graph or "")]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["mib"]
+
+
+def child(variant: int, name: str, width: int, layers: int, graph: str) -> None:
+    import diffusers  # noqa: F401  imported before the baseline: only the variant itself is measured
+    import onnxruntime  # noqa: F401
+    import psutil
+
+    import fraqat_cli.families  # noqa: F401
+    import fraqat_cli.quant  # noqa: F401
+
+    torch.set_num_threads(1)
+    example = build_inputs(name, width)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the RSS now
+    before = psutil.Process().memory_info().rss
+    if variant in (0, 2):
+        model, family, example = build(name, width, layers)
+        torch_step(student_of(model) if variant == 2 else model, family, example)
+    else:
+        session(Path(graph)).run(None, feeds(example))
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024  # KiB
+    print(json.dumps({"mib": (peak - before) / 2**20}))
+
+
+def build_inputs(name: str, width: int) -> dict:
+    torch.manual_seed(0)
+    tokens, channels = 32, (384 if name == "toy" else width)
+    return {"latents": torch.randn(1, 4, 16, 16), "timestep": torch.tensor([500.0]),
+            "prompt_embeds": torch.randn(1, tokens, channels), "prompt_attention_mask": torch.ones(1, tokens)}
+
+
+def compare_model(name: str, width: int, layers: int, reps: int, folder: Path) -> None:
+    from fraqat_cli.onnx_nbits import weight_bytes
+
+    fp32_graph, nbits_graph = write_graphs(name, width, layers, folder)
+    teacher, family, example = build(name, width, layers)
+    student = student_of(copy.deepcopy(teacher))
+    sessions = {1: session(fp32_graph), 3: session(nbits_graph)}
+    run = {0: lambda: torch_step(teacher, family, example), 2: lambda: torch_step(student, family, example),
+           1: lambda: sessions[1].run(None, feeds(example)), 3: lambda: sessions[3].run(None, feeds(example))}
+    for step in run.values():  # warm-up: first calls allocate and prepack
+        step()
+    times = {v: [] for v in run}
+    for _ in range(reps):
+        for v, step in run.items():
+            start = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - start)
+    weights = {0: module_bytes(teacher), 2: module_bytes(student), 1: weight_bytes(fp32_graph),
+               3: weight_bytes(nbits_graph)}
+    rss = {v: peak_rss_growth(v, name, width, layers, {1: fp32_graph, 3: nbits_graph}.get(v)) for v in run}
+    params = sum(p.numel() for p in teacher.parameters())
+    reference = torch_step(teacher, family, example)
+    deployed = torch.from_numpy(sessions[3].run(None, feeds(example))[0])
+    gap = float((deployed - reference).norm() / reference.norm())
+    print(f"\n{name}: {params / 1e6:.2f} M parameters, width {width if name != 'toy' else 128}; "
+          f"(d) vs (a) relative output difference {gap:.3f}")
+    print("| variant | latency ms (median) | IQR ms | of (b) | weight MiB | of (b) | peak RSS growth MiB | of (b) |")
+    print("|---|---|---|---|---|---|---|---|")
+    median = {v: statistics.median(t) for v, t in times.items()}
+    for v in sorted(run):
+        q1, q3 = np.percentile(times[v], [25, 75])
+        print(f"| {VARIANTS[v]} | {median[v] * 1e3:.2f} | {(q3 - q1) * 1e3:.2f} | {median[v] / median[1]:.2f} | "
+              f"{weights[v] / 2**20:.2f} | {weights[v] / weights[1]:.2f} | {rss[v]:.1f} | {rss[v] / rss[1]:.2f} |",
+              flush=True)
+
+
+def layer_sweep(widths: list[int], tokens: int, reps: int, folder: Path) -> None:
+    """One feed-forward layer (width -> 4 x width, a DiT MLP's first, W4 per-channel, A8) as MatMulNBits
+    against an fp32 MatMul, on the tokens of one 256x256-latent-patch image."""
+    from torch import nn
+
+    from fraqat_cli.onnx_nbits import NBitsLayer
+    from fraqat_cli.quant import QuantConfig, QuantSpec, quantize_model
+
+    print(f"\nOne feed-forward layer (width -> 4 x width), {tokens} tokens: MatMulNBits (block 128, int8 compute) "
+          f"time / fp32 MatMul time")
+    print("| width | fp32 ms | 4-bit ms | ratio |")
+    print("|---|---|---|---|")
+    for width in widths:
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(width, 4 * width))
+        quantized = copy.deepcopy(plain)
+        quantize_model(quantized, QuantConfig(weight=QuantSpec("per_channel"), weight_bits=4, include=("*",)))
+        x = torch.randn(1, tokens, width)
+        paths = {}
+        for kind, module in (("fp32", plain), ("nbits", NBitsLayer(quantized[0], "0"))):
+            paths[kind] = folder / f"layer-{kind}-{width}.onnx"
+            torch.onnx.export(module.eval(), (x,), str(paths[kind]), dynamo=True, opset_version=21,
+                              input_names=["x"], verbose=False)
+        sessions = {kind: session(p) for kind, p in paths.items()}
+        times = {kind: [] for kind in sessions}
+        for s in sessions.values():
+            s.run(None, {"x": x.numpy()})
+        for _ in range(reps):
+            for kind, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, {"x": x.numpy()})
+                times[kind].append(time.perf_counter() - start)
+        fp32, nbits = statistics.median(times["fp32"]), statistics.median(times["nbits"])
+        print(f"| {width} | {fp32 * 1e3:.3f} | {nbits * 1e3:.3f} | {nbits / fp32:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true", help="a tiny PixArt (width 128, 1 layer), 3 reps")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, name, width, layers, graph = args.child
+        child(int(variant), name, int(width), int(layers), graph)
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    print("one denoiser step, batch 1, one thread; W4 per-channel A8, every linear layer and 1x1 convolution")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            compare_model("pixart", 128, 1, 3, Path(tmp))
+            layer_sweep([128], 32, 3, Path(tmp))
+            return
+        compare_model("toy", 128, 4, args.reps, Path(tmp))
+        compare_model("pixart", 256, 6, args.reps, Path(tmp))      # ~7 M parameters
+        compare_model("pixart", 1024, 2, max(args.reps // 3, 5), Path(tmp))   # real width, two blocks
+        layer_sweep([128, 256, 512, 768, 1024, 2048], 64, args.reps, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""How many parameters low-rank QAT trains on the real models, against full QAT of the transformer blocks.
+
+Each real transformer is built on the meta device (no memory, `fraqat_cli.architecture`), quantized as the
+paper's recipes do (every linear layer, per-tensor), then given a LoRA update of each rank in every quantized
+layer (`fraqat_cli.lora.add_lora`). Prints trained parameters and their share; the memory they cost under each
+optimizer is `fraqat-plan`'s to say.
+
+    python benchmarks/lora_params.py
+    python benchmarks/lora_params.py --models sana --ranks 4,16   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fraqat_cli.architecture import build_transformer
+from fraqat_cli.lora import add_lora
+from fraqat_cli.student import quantize_student
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def counts(model_name: str, ranks: list[int]) -> list[str]:
+    model_cfg = OmegaConf.load(CONF / "model" / f"{model_name}.yaml")
+    quantizer = OmegaConf.load(CONF / "quantizer" / "per_tensor.yaml")
+    selection = OmegaConf.load(CONF / "selection" / "all_linear.yaml")
+    blocks = OmegaConf.load(CONF / "trainable" / "transformer_blocks.yaml").patterns
+    student = build_transformer(model_cfg)  # meta device
+    quantize_student(student, quantizer, selection, 4)
+    total = sum(p.numel() for p in student.parameters())
+    full = sum(p.numel() for n, p in student.named_parameters() if any(fnmatchcase(n, b) for b in blocks))
+    rows = [f"| {model_name} | {total / 1e9:.3f} B | full QAT (transformer blocks) | {full / 1e6:,.1f} M | "
+            f"{full / total:.1%} |"]
+    for rank in ranks:
+        summary = add_lora(copy.deepcopy(student), rank, rank)
+        rows.append(f"| {model_name} | {total / 1e9:.3f} B | LoRA rank {rank} ({summary.layers} layers) | "
+                    f"{summary.trainable_params / 1e6:,.1f} M | {summary.trainable_params / total:.2%} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sana,pixart_sigma,sd35_medium,flux_schnell")
+    parser.add_argument("--ranks", default="16,32")
+    args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print("| model | parameters | trained | trained parameters | share |\n|---|---|---|---|---|")
+    for name in args.models.split(","):
+        print("\n".join(counts(name, ranks)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
