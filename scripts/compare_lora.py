@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIDENCE = 0.95
+from compare_schedules import paired_interval as interval
 
 
 def run_arm(args, name: str, lr: float, overrides: list[str]) -> None:
@@ -36,18 +36,6 @@ def run_arm(args, name: str, lr: float, overrides: list[str]) -> None:
         command += ["--overrides", *overrides]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
-
-
-def interval(values: list[float]) -> tuple[float, float, float, float]:
-    """(mean, sd, low, high): Student-t interval of the mean; NaN spread with one value."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = statistics.stdev(values)
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * sd / math.sqrt(len(values))
-    return mean, sd, mean - half, mean + half
 
 
 def tables(out: Path, lora_name: str = "lora") -> str:
