@@ -88,11 +88,7 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     multiplies by the very weights it trained with, rounded once to `dtype`. Quantizer buffers stay float32.
     A checkpoint with a NaN or infinite tensor (a diverged run's) is refused.
     """
-    from fraqat_cli.divergence import first_non_finite
-
-    if (bad := first_non_finite(checkpoint.state)) is not None:
-        raise ValueError(f"checkpoint {str(checkpoint.path)!r} holds non-finite weights ({bad!r} has NaN or inf): "
-                         f"the run that wrote it diverged; use an earlier checkpoint of that run")
+    refuse_non_finite(checkpoint)
     student = model_skeleton(skeleton)
     quantize_student(student, checkpoint.config.quantizer, checkpoint.config.get("selection"),
                      checkpoint.weight_bits or PASS_THROUGH_BITS)
@@ -115,6 +111,29 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
             value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
             release_pages(tensor)
         state[key] = value
+    _check_fits(student, state, checkpoint, skeleton)
+    student.load_state_dict(state, assign=True)
+    _restore_computed_buffers(student, state, device, dtype)
+    del state
+    if bake:
+        _bake(quantized.values(), device, dtype, release, fresh)
+    leftover = [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"checkpoint {str(checkpoint.path)!r} leaves {leftover[:5]} of the student empty")
+    return student.requires_grad_(False).eval()
+
+
+
+def refuse_non_finite(checkpoint: StudentCheckpoint) -> None:
+    """A checkpoint with a NaN or infinite tensor (a diverged run's) is refused, naming the tensor."""
+    from fraqat_cli.divergence import first_non_finite
+
+    if (bad := first_non_finite(checkpoint.state)) is not None:
+        raise ValueError(f"checkpoint {str(checkpoint.path)!r} holds non-finite weights ({bad!r} has NaN or inf): "
+                         f"the run that wrote it diverged; use an earlier checkpoint of that run")
+
+
+def _check_fits(student: nn.Module, state: dict, checkpoint: StudentCheckpoint, skeleton: nn.Module) -> None:
     wanted = student.state_dict(keep_vars=True)
     missing, unexpected = sorted(wanted.keys() - state.keys()), sorted(state.keys() - wanted.keys())
     misshapen = sorted(k for k in wanted.keys() & state.keys() if wanted[k].shape != state[k].shape)
@@ -122,23 +141,24 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
         raise ValueError(f"checkpoint {str(checkpoint.path)!r} does not fit {type(skeleton).__name__} "
                          f"built from its config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"of another shape {misshapen[:3]}")
-    student.load_state_dict(state, assign=True)
-    for name, buffer in student.named_buffers():  # the non-persistent ones, as the training student had them
+
+
+def _restore_computed_buffers(student: nn.Module, state: dict, device, dtype) -> None:
+    """The non-persistent buffers (tables computed at construction), as the training student had them."""
+    for name, buffer in student.named_buffers():
         if name not in state and not buffer.is_meta:
             owner, _, attr = name.rpartition(".")
             cast = (dtype or torch.float32) if buffer.is_floating_point() else buffer.dtype
             setattr(student.get_submodule(owner), attr, buffer.to(device=device, dtype=cast))
-    del state
-    if bake:
-        with torch.no_grad():
-            for layer in quantized.values():
-                master = layer.weight
-                weight = layer.quantize_weight(master.to(device=device, dtype=torch.float32))
-                layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
-                layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
-                if release and master.data_ptr() not in fresh:
-                    release_pages(master)
-    leftover = [name for name, t in [*student.named_parameters(), *student.named_buffers()] if t.is_meta]
-    if leftover:
-        raise ValueError(f"checkpoint {str(checkpoint.path)!r} leaves {leftover[:5]} of the student empty")
-    return student.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def _bake(layers, device, dtype, release: bool, fresh: set[int]) -> None:
+    """Each quantized weight fake-quantized once, in float32 from its master weight, then cast to `dtype`."""
+    for layer in layers:
+        master = layer.weight
+        weight = layer.quantize_weight(master.to(device=device, dtype=torch.float32))
+        layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
+        layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
+        if release and master.data_ptr() not in fresh:
+            release_pages(master)
