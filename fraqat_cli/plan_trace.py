@@ -228,6 +228,30 @@ def _warm_up_optimizer(optim_cfg: DictConfig) -> None:
         instantiate(optim_cfg)([param]).step()
 
 
+def _block_bytes(student: nn.Module, blocks) -> tuple[list[int], int]:
+    """Bytes of each block of the student's `blocks` classes (FSDP's units), and of the parameters outside them."""
+    block_bytes = [_param_bytes(m.parameters()) for m in student.modules() if isinstance(m, blocks)]
+    inside = {id(p) for m in student.modules() if isinstance(m, blocks) for p in m.parameters()}
+    return block_bytes, _param_bytes(p for p in student.parameters() if id(p) not in inside)
+
+
+def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, accumulating: bool):
+    """Inside a fake-tensor mode: the models given storage, a batch of `batch_size` rows, and the optimizer with
+    its state (and, `accumulating`, the gradients) already there, as every step after the first finds them."""
+    teacher.to_empty(device="cpu")
+    module.student.to_empty(device="cpu")
+    batch = {k: torch.empty((batch_size, *v.shape[1:]), dtype=v.dtype) for k, v in row.items()}
+    if "prompt_attention_mask" in batch:
+        batch["prompt_attention_mask"] = torch.ones_like(batch["prompt_attention_mask"])
+    optimizer = _first_optimizer(module.configure_optimizers())
+    for p in module.student.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the optimizer state
+    optimizer.zero_grad(set_to_none=not accumulating)
+    return batch, optimizer
+
+
 def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, gpu: bool, row: dict | None = None) -> StepTrace:
     """Trace one micro-batch of `cfg`'s run on one device with the whole student (forward and backward of
     `batch_size` rows), then the optimizer step. `gpu`: the optimizer as it is chosen on CUDA.
@@ -248,10 +272,7 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, gpu: bool, 
     with contextlib.redirect_stdout(io.StringIO()):  # the module's build report is fraqat-train's to print
         module, _ = distillation_module(cfg, stand_in_data(cfg, teacher, batch_size), schedule)
     student = module.student
-    blocks = block_classes(cfg.model)
-    block_bytes = [_param_bytes(m.parameters()) for m in student.modules() if isinstance(m, blocks)]
-    inside = {id(p) for m in student.modules() if isinstance(m, blocks) for p in m.parameters()}
-    outside = _param_bytes(p for p in student.parameters() if id(p) not in inside)
+    block_bytes, outside = _block_bytes(student, block_classes(cfg.model))
     state_bytes, state_tensors = _state_bytes(student)
     counts = (count_parameters(teacher), count_parameters(student),
               sum(p.numel() for p in student.parameters() if p.requires_grad))
@@ -262,17 +283,7 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, gpu: bool, 
     eager = torch.compiler.set_stance("force_eager")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with eager, mode:
-        teacher.to_empty(device="cpu")
-        student.to_empty(device="cpu")
-        batch = {k: torch.empty((batch_size, *v.shape[1:]), dtype=v.dtype) for k, v in row.items()}
-        if "prompt_attention_mask" in batch:
-            batch["prompt_attention_mask"] = torch.ones_like(batch["prompt_attention_mask"])
-        optimizer = _first_optimizer(module.configure_optimizers())
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        for p in trainable:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()  # creates the optimizer state, as every step after the first finds it
-        optimizer.zero_grad(set_to_none=not accumulating)
+        batch, optimizer = _fake_step_inputs(module, teacher, row, batch_size, accumulating)
 
     compute = autocast_dtype(cfg.trainer.precision)
     tracker = PeakTracker()
