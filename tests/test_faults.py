@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from train_support import cli_env, console, fraqat_train, train_command
 
 from fraqat_cli.cache import KEY_FIELD, store_problems
-from fraqat_cli.checkpointing import LAST, load_checkpoint
+from fraqat_cli.checkpointing import LAST, AtomicCheckpointIO, load_checkpoint
+from fraqat_cli.divergence import TrainingDiverged
 
 # The toy default as a new user runs it, made short: step checkpoints at 2 and 4, last.ckpt at 4.
 TOY = ["trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
@@ -200,19 +201,18 @@ def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_nan_students_are_r
     assert {p.name: digest(p) for p in [*(run / "checkpoints").iterdir(), run / "metrics.json"]} == kept
     assert "NaN" not in (run / "metrics.json").read_text()
 
-    # without the guard, the checkpoint writer still refuses the NaN state it was about to write over step 2's
-    unguarded = fraqat_train([*TOY, "resume=null", "optim.lr=1e6", "divergence.enabled=false", f"hydra.run.dir={run}"],
-                             cwd=tmp_path, cache_dir=toy_cache)
-    assert unguarded.returncode == 2
-    (line,) = errors(unguarded)
-    assert line.startswith(f"fraqat-train: error: refusing to write {str(run / 'checkpoints' / 'step-000002.ckpt')!r}: "
-                           f"the student's weights are not finite ('student.")
-    assert {p.name: digest(p) for p in [*(run / "checkpoints").iterdir(), run / "metrics.json"]} == kept
-
-    # a checkpoint with a NaN weight (as an unguarded run wrote them) is refused by both readers
+    # without the guard, the checkpoint writer Lightning calls (training's `AtomicCheckpointIO`) still refuses a
+    # NaN state, and the good checkpoint it would replace stays
     checkpoint = load_checkpoint(run / "checkpoints" / "step-000004.ckpt")
     name = next(k for k in checkpoint["state_dict"] if k.endswith("to_q.weight"))
     checkpoint["state_dict"][name][0, 0] = float("nan")
+    target = run / "checkpoints" / "step-000004.ckpt"
+    with pytest.raises(TrainingDiverged, match=rf"^refusing to write {re.escape(repr(str(target)))}: the student's "
+                                               rf"weights are not finite \({re.escape(repr(name))}"):
+        AtomicCheckpointIO().save_checkpoint(checkpoint, target)
+    assert {p.name: digest(p) for p in [*(run / "checkpoints").iterdir(), run / "metrics.json"]} == kept
+
+    # a checkpoint with a NaN weight (as an unguarded run wrote them) is refused by both readers
     poisoned = tmp_path / "nan.ckpt"
     torch.save(checkpoint, poisoned)
     refusal = (f"error: checkpoint {str(poisoned)!r} holds non-finite weights ({name.removeprefix('student.')!r} has "
