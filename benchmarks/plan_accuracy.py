@@ -97,7 +97,7 @@ def measured_peak(cfg, batch_size: int, device: str, row: dict) -> int:
     return max(sum(categories) for categories in sizes)
 
 
-def run(models: dict, device: str, batch_size: int, gpu: bool, row_file: str | None) -> list[dict]:
+def run(models: dict, device: str, batch_size: int, row_file: str | None) -> list[dict]:
     rows = []
     for name, base in models.items():
         row = load_file(row_file) if row_file else example_row(config(base).model)
@@ -105,7 +105,7 @@ def run(models: dict, device: str, batch_size: int, gpu: bool, row_file: str | N
             cfg = config([*base, *extra])
             start = time.perf_counter()
             try:
-                planned = trace_step(cfg, batch_size, accumulating=False, gpu=gpu, row=row).peak_bytes
+                planned = trace_step(cfg, batch_size, accumulating=False, row=row).peak_bytes
             except ValueError as error:  # an option this machine cannot run (optim=adamw8bit without torchao)
                 print(f"{name}, {option}: skipped ({error})")
                 continue
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
         return
     print(f"device {args.device}, batch {args.batch_size}, {precision}, every linear layer quantized, "
           f"per-tensor W4A8 fake quantization")
-    print_table(run(models, args.device, args.batch_size, gpu=args.device == "cuda", row_file=args.row))
+    print_table(run(models, args.device, args.batch_size, row_file=args.row))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def trace_run(cfg: DictConfig, layout: Layout, samples: int) -> tuple[StepTrace,
     from fraqat_cli.run_length import run_length
 
     length = run_length(cfg, layout.devices, samples)
-    return trace_step(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1, gpu=layout.gpu), length
+    return trace_step(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1), length
 
 
 def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -205,20 +204,6 @@ def _first_optimizer(configured):
     raise ValueError(f"configure_optimizers returned {type(configured).__name__}; the plan needs one optimizer")
 
 
-def _on_target(optim_cfg: DictConfig, accelerator_is_gpu: bool) -> DictConfig:
-    """The optimizer settings as the target device would resolve them: factories that choose a fused kernel
-    on CUDA (`fused: null`) are asked for it directly, since the trace itself runs on fake CPU tensors."""
-    target = get_object(optim_cfg._target_) if "_target_" in optim_cfg else None
-    if target is None or not accelerator_is_gpu or "fused" not in inspect.signature(target).parameters:
-        return optim_cfg
-    if optim_cfg.get("fused") is not None:
-        return optim_cfg
-    resolved = copy.deepcopy(optim_cfg)
-    with open_dict(resolved):
-        resolved.fused = True
-    return resolved
-
-
 def _warm_up_optimizer(optim_cfg: DictConfig) -> None:
     """One real step of the configured optimizer on a small real parameter: tables an optimizer builds from
     values on first use (8-bit quantization maps) cannot be computed from fake tensors, and are cached."""
@@ -252,9 +237,9 @@ def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, ac
     return batch, optimizer
 
 
-def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, gpu: bool, row: dict | None = None) -> StepTrace:
+def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, row: dict | None = None) -> StepTrace:
     """Trace one micro-batch of `cfg`'s run on one device with the whole student (forward and backward of
-    `batch_size` rows), then the optimizer step. `gpu`: the optimizer as it is chosen on CUDA.
+    `batch_size` rows), then the optimizer step (the optimizer is the same on CUDA: no fused kernel).
 
     The optimizer's state exists before the traced step (one step on zero gradients creates it), as in every
     step but the first; `accumulating`: the gradients exist too, as in every micro-batch but the first.
@@ -267,7 +252,6 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, gpu: bool, 
     teacher = build_transformer(cfg.model, device="meta", dtype=model_dtype(cfg.model))
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        cfg.optim = _on_target(cfg.optim, gpu)
         cfg.quantizer.static_activations = False  # ranges measured on data: no memory of their own in the step
     with contextlib.redirect_stdout(io.StringIO()):  # the module's build report is fraqat-train's to print
         module, _ = distillation_module(cfg, stand_in_data(cfg, teacher, batch_size), schedule)

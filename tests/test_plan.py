@@ -28,7 +28,7 @@ def plan_config(*overrides: str):
 @pytest.mark.parametrize("model", TINY)
 def test_planned_parameter_counts_equal_the_instantiated_models(model):
     cfg = plan_config(f"model={model}", "data.batch_size=2")
-    trace = trace_step(cfg, 2, accumulating=False, gpu=False)
+    trace = trace_step(cfg, 2, accumulating=False)
     teacher = build_transformer(cfg.model, device="cpu")  # real weights, as training instantiates it
     student, _ = build_student(teacher, cfg.quantizer, cfg.selection, 8.0)
     assert trace.teacher_params == count_parameters(teacher)
@@ -58,7 +58,7 @@ def real_step_flops(cfg, batch_size: int) -> int:
 @pytest.mark.parametrize("model", ["tiny_sana", "tiny_flux"])
 def test_planned_flops_match_the_flop_counter_on_the_real_tiny_model(model):
     cfg = plan_config(f"model={model}", "selection=all_linear")
-    planned = trace_step(cfg, 4, accumulating=False, gpu=False).flops
+    planned = trace_step(cfg, 4, accumulating=False).flops
     measured = real_step_flops(cfg, 4)
     assert measured > 0
     assert abs(planned - measured) / measured < 0.10
@@ -77,25 +77,25 @@ def test_a_depthwise_convolution_backward_costs_twice_its_forward():
 
 def test_gradient_checkpointing_costs_recomputation_and_saves_activations():
     cfg = plan_config("model=tiny_flux", "model.resolution=128")
-    plain = trace_step(cfg, 4, accumulating=False, gpu=False)
+    plain = trace_step(cfg, 4, accumulating=False)
     cfg.gradient_checkpointing = True
-    checkpointed = trace_step(cfg, 4, accumulating=False, gpu=False)
+    checkpointed = trace_step(cfg, 4, accumulating=False)
     assert checkpointed.flops > plain.flops
     assert checkpointed.activation_bytes < plain.activation_bytes
 
 
 def test_accumulation_keeps_the_gradients_through_the_next_micro_batch():
     cfg = plan_config("model=tiny_sana")
-    alone = trace_step(cfg, 4, accumulating=False, gpu=False)
-    accumulating = trace_step(cfg, 4, accumulating=True, gpu=False)
+    alone = trace_step(cfg, 4, accumulating=False)
+    accumulating = trace_step(cfg, 4, accumulating=True)
     assert accumulating.peak_bytes > alone.peak_bytes
     assert accumulating.peak_breakdown["Gradient"] >= alone.gradient_bytes
 
 
 def test_8bit_optimizer_and_lora_shrink_what_they_should():
-    full = trace_step(plan_config("model=tiny_sana", "trainable=all"), 4, accumulating=False, gpu=False)
-    eight_bit = trace_step(plan_config("model=tiny_sana", "trainable=all", "optim=adamw8bit"), 4, False, False)
-    lora = trace_step(plan_config("model=tiny_sana", "trainable=lora", "trainable.lora.rank=2"), 4, False, False)
+    full = trace_step(plan_config("model=tiny_sana", "trainable=all"), 4, accumulating=False)
+    eight_bit = trace_step(plan_config("model=tiny_sana", "trainable=all", "optim=adamw8bit"), 4, False)
+    lora = trace_step(plan_config("model=tiny_sana", "trainable=lora", "trainable.lora.rank=2"), 4, False)
     assert eight_bit.trainable_params == full.trainable_params
     assert eight_bit.optimizer_bytes < 0.6 * full.optimizer_bytes  # small tensors keep float32 moments
     assert lora.trainable_params < full.trainable_params / 4
@@ -103,7 +103,7 @@ def test_8bit_optimizer_and_lora_shrink_what_they_should():
 
 
 def test_fsdp_shards_the_student_and_ddp_adds_gradient_buckets():
-    trace = trace_step(plan_config("model=tiny_sana"), 4, accumulating=False, gpu=False)
+    trace = trace_step(plan_config("model=tiny_sana"), 4, accumulating=False)
     single = per_device(trace, Layout("single", 1, True))
     ddp = per_device(trace, Layout("ddp", 4, True))
     fsdp = per_device(trace, Layout("fsdp", 4, True))
@@ -145,7 +145,7 @@ def test_an_unknown_gpu_is_refused_naming_the_allowed_ones(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_flux_fits_eight_80gb_gpus_with_fsdp_and_not_one_without():
     cfg = plan_config("experiment=flux_schnell_w4a8")
-    trace = trace_step(cfg, cfg.data.batch_size, accumulating=False, gpu=True)
+    trace = trace_step(cfg, cfg.data.batch_size, accumulating=False)
     usable = 80e9 * cfg.plan.usable_fraction
     assert trace.student_params > 11e9
     assert per_device(trace, Layout("fsdp", 8, True))["peak"] < usable
