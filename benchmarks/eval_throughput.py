@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 from cleanfid import fid
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fraqat_cli.conditioning import prompt_conditioning, select
+from fraqat_cli.conditioning import prompt_conditioning
 from fraqat_cli.fid_features import fid_feature_extractor
 from fraqat_cli.metrics import fid_from_features, folder_features
-from fraqat_cli.models import load_pipeline
+from fraqat_cli.models import load_model
 from fraqat_cli.prompts import offline_captions
 from fraqat_cli.sampling import generate
 
@@ -33,12 +32,11 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 def generation_rate(model: str, count: int, out: Path, cache: str) -> float:
     model_cfg = OmegaConf.load(CONF / f"{model}.yaml")
-    family = instantiate(model_cfg.family)
-    cond, negative = prompt_conditioning(model_cfg, offline_captions(count, seed=3), cache)
-    pipe = load_pipeline(model_cfg, without=family.text_parts)
-    generate(pipe, family, model_cfg, select(cond, [0]), negative, [0], batch_size=8)  # warm-up
+    conditioning = prompt_conditioning(model_cfg, offline_captions(count, seed=3), cache)
+    model = load_model(model_cfg)
+    generate(model, conditioning.rows([0]), [0], batch_size=8)  # warm-up
     start = time.perf_counter()
-    images = generate(pipe, family, model_cfg, cond, negative, list(range(count)), batch_size=8)
+    images = generate(model, conditioning, list(range(count)), batch_size=8)
     rate = count / (time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -12,6 +12,8 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf.errors import MissingMandatoryValue
 
+from fraqat_cli.errors import ExpectedFailure
+
 EXIT_BAD_INPUT = 2
 
 
@@ -28,13 +30,9 @@ def instantiate_or_raise(config, **kwargs):
 
 
 def run_reporting_errors(program: str, work: Callable[[], object]):
-    """Run `work`; a bad value, a missing file, an unloadable model, a write the disk refused or a diverged
-    run exits with status 2 and its message."""
-    from fraqat_cli.divergence import TrainingDiverged
-    from fraqat_cli.files import DiskWriteError
-    from fraqat_cli.models import ModelLoadError
-
-    expected = (ValueError, FileNotFoundError, ModelLoadError, MissingMandatoryValue, DiskWriteError, TrainingDiverged)
+    """Run `work`; a bad value, a missing file, a missing mandatory setting or an `ExpectedFailure` (an
+    unloadable model, a write the disk refused, a diverged run) exits with status 2 and its message."""
+    expected = (ValueError, FileNotFoundError, MissingMandatoryValue, ExpectedFailure)
     try:
         return work()
     except InstantiationException as error:

@@ -14,12 +14,12 @@ import gc
 import os
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.checks import positive_int
-from fraqat_cli.models import DENOISER_PARTS, load_pipeline, model_identity
+from fraqat_cli.embeddings import Conditioning
+from fraqat_cli.models import DENOISER_PARTS, family_of, load_pipeline, model_identity
 
 
 def encode_device(device: str | torch.device | None = None) -> torch.device:
@@ -50,7 +50,7 @@ def conditioning_store(
     """
     if not prompts:
         raise ValueError("no prompts to encode: the prompt list is empty")
-    family = instantiate(model_cfg.family)
+    family = family_of(model_cfg)
     batch_size = _batch_size(model_cfg)
     target = encode_device(device)
     prompts = list(prompts)
@@ -110,13 +110,8 @@ def warn_long_prompts(pipe, prompts: list[str], max_sequence_length: int) -> int
 
 def prompt_conditioning(
     model_cfg: DictConfig, prompts: list[str], cache_dir: str, device: str | torch.device | None = None
-) -> tuple[dict, dict]:
-    """(conditioning for `prompts`, conditioning for the empty negative prompt), batch first, in memory:
-    for the few dozen prompts of an evaluation or an export example."""
+) -> Conditioning:
+    """The conditioning of `prompts` and of the empty negative prompt, in memory: for the few dozen prompts
+    of an evaluation or an export example."""
     store = conditioning_store(model_cfg, prompts, cache_dir, device)
-    return store.load(), store.shared()
-
-
-def select(cond: dict, index) -> dict:
-    """Rows `index` of every conditioning tensor."""
-    return {k: v[index] for k, v in cond.items()}
+    return Conditioning(store.load(), store.shared())

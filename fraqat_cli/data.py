@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.checks import positive_int
-from fraqat_cli.conditioning import encode_device, select
-from fraqat_cli.models import model_identity
+from fraqat_cli.conditioning import encode_device
+from fraqat_cli.embeddings import Conditioning
+from fraqat_cli.models import LoadedModel, model_identity
 from fraqat_cli.prompt_sets import coco_caption_pairs
 from fraqat_cli.prompts import offline_captions, read_prompt_file
 from fraqat_cli.sampling import generate
@@ -76,20 +77,20 @@ class PromptOnlySource:
             return read_prompt_file(self.prompt_file)[: self.num_prompts]
         return offline_captions(self.num_prompts, self.prompt_seed)
 
-    def latent_store(self, pipe, family, model_cfg, conditioning: ShardedStore, cache_dir: str, seed: int,
+    def latent_store(self, model: LoadedModel, conditioning: ShardedStore, cache_dir: str, seed: int,
                      device=None) -> ShardedStore:
         """The teacher's latents for every prompt (row i from seed `seed + i`), generated shard by shard
         from conditioning read off the store, on `encode_device(device)`."""
-        return self._latents(pipe, family, model_cfg, len(conditioning), conditioning.read, conditioning.shared(),
-                             cache_dir, seed, device)
+        read = lambda start, stop: Conditioning(conditioning.read(start, stop), conditioning.shared())  # noqa: E731
+        return self._latents(model, len(conditioning), read, cache_dir, seed, device)
 
-    def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
+    def latents(self, model: LoadedModel, conditioning: Conditioning, cache_dir: str, seed: int) -> torch.Tensor:
         """`latent_store` for conditioning already in memory (a few dozen prompts), loaded whole."""
-        rows = len(next(iter(cond.values())))
-        read = lambda start, stop: select(cond, slice(start, stop))
-        return self._latents(pipe, family, model_cfg, rows, read, negative, cache_dir, seed, None).load()["latents"]
+        read = lambda start, stop: conditioning.rows(slice(start, stop))  # noqa: E731
+        return self._latents(model, len(conditioning), read, cache_dir, seed, None).load()["latents"]
 
-    def _latents(self, pipe, family, model_cfg, rows: int, read, negative, cache_dir, seed, device) -> ShardedStore:
+    def _latents(self, model: LoadedModel, rows: int, read, cache_dir, seed, device) -> ShardedStore:
+        model_cfg = model.config
         seeds = [seed + i for i in range(rows)]
         parts = {
             "model": model_identity(model_cfg),
@@ -100,10 +101,9 @@ class PromptOnlySource:
         }
 
         def sample(start: int, stop: int) -> torch.Tensor:
-            return generate(pipe, family, model_cfg, read(start, stop), negative, seeds[start:stop],
-                            output_type="latent")
+            return generate(model, read(start, stop), seeds[start:stop], output_type="latent")
 
-        return _latent_store("teacher-latents", parts, rows, self.shard_rows, pipe, device, sample, cache_dir)
+        return _latent_store("teacher-latents", parts, rows, self.shard_rows, model.pipe, device, sample, cache_dir)
 
 
 class CocoSource:
@@ -146,9 +146,10 @@ class CocoSource:
     def prompts(self) -> list[str]:
         return [caption for _, caption in self.pairs()]
 
-    def latent_store(self, pipe, family, model_cfg, conditioning, cache_dir: str, seed: int,
+    def latent_store(self, model: LoadedModel, conditioning, cache_dir: str, seed: int,
                      device=None) -> ShardedStore:
         """The VAE latents of every image, encoded shard by shard on `encode_device(device)`."""
+        model_cfg = model.config
         files = [name for name, _ in self.pairs()]
         parts = {
             "model": model_identity(model_cfg),
@@ -163,14 +164,15 @@ class CocoSource:
             for first in range(start, stop, self.batch_size):
                 names = files[first : min(first + self.batch_size, stop)]
                 images = torch.stack([load_image(self.images_dir / name, model_cfg.resolution) for name in names])
-                chunks.append(family.image_latents(pipe, images).float().cpu())
+                chunks.append(model.family.image_latents(model.pipe, images).float().cpu())
             return torch.cat(chunks)
 
-        return _latent_store("image-latents", parts, len(files), self.shard_rows, pipe, device, encode, cache_dir)
+        return _latent_store("image-latents", parts, len(files), self.shard_rows, model.pipe, device, encode,
+                             cache_dir)
 
-    def latents(self, pipe, family, model_cfg, cond, negative, cache_dir: str, seed: int) -> torch.Tensor:
+    def latents(self, model: LoadedModel, conditioning: Conditioning, cache_dir: str, seed: int) -> torch.Tensor:
         """`latent_store`, loaded whole (for small sets)."""
-        return self.latent_store(pipe, family, model_cfg, None, cache_dir, seed).load()["latents"]
+        return self.latent_store(model, None, cache_dir, seed).load()["latents"]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fraqat_cli.attention_backends import restricted_attention
+from fraqat_cli.embeddings import conditioning_of
 from fraqat_cli.quant import ActivationQuantizer, calibrate_activations
 
 
@@ -30,6 +32,8 @@ class DistillationModule(L.LightningModule):
     feature_loss_weight: > 0 adds an MSE between the outputs of matching transformer blocks.
     record: plain data stored in every checkpoint under "fraqat" (the resolved config).
     calibration_batches: batches that static activation quantizers are calibrated on before the first step.
+    attention_backends: the SDPA kernels teacher and student may use (`fraqat_cli.attention_backends`);
+    None: torch's choice.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class DistillationModule(L.LightningModule):
         block_pattern: str = "*transformer_blocks.[0-9]*",
         record: dict | None = None,
         calibration_batches: list[dict] | None = None,
+        attention_backends=None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -59,6 +64,7 @@ class DistillationModule(L.LightningModule):
         self.trainable_params = freeze_all_but(student, trainable)
         self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
         self.calibration_batches = calibration_batches or []  # static activation ranges are measured on these
+        self.attention_backends = attention_backends
 
     @property
     def teacher(self) -> nn.Module:
@@ -91,8 +97,7 @@ class DistillationModule(L.LightningModule):
         with calibrate_activations(self.student):
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                latents = batch["latents"]
-                cond = {k: v for k, v in batch.items() if k != "latents"}
+                latents, cond = batch["latents"], conditioning_of(batch)
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 noisy, timesteps = self.noise(latents, noise, generator=generator)
                 self.student(**self.family.transformer_kwargs(
@@ -107,13 +112,16 @@ class DistillationModule(L.LightningModule):
     def distillation_loss(self, batch: dict[str, torch.Tensor], generators=None) -> dict[str, torch.Tensor]:
         """Output MSE (and feature MSE) to the teacher; `generators`, one per row, fix each row's noise and
         timestep (the held-out loss, `fraqat_cli.validation`), else they are drawn afresh."""
-        latents = batch["latents"]
-        cond = {k: v for k, v in batch.items() if k != "latents"}
+        latents, cond = batch["latents"], conditioning_of(batch)
         noisy, timesteps = self._noised(latents, generators)
         # Each model sees its inputs in its own parameters' dtype (cached conditioning is stored in the text
         # encoders' dtype, e.g. bf16, while the student keeps float32 master weights); autocast, when on,
         # then chooses the compute dtype.
         teacher_dtype, student_dtype = _dtype_of(self.teacher), _dtype_of(self.student)
+        with restricted_attention(self.attention_backends):
+            return self._losses(noisy, timesteps, cond, teacher_dtype, student_dtype)
+
+    def _losses(self, noisy, timesteps, cond, teacher_dtype, student_dtype) -> dict[str, torch.Tensor]:
         with torch.no_grad(), _block_outputs(self.teacher, self.block_pattern, self.feature_loss_weight > 0) as t_feats:
             target = self.teacher(**self.family.transformer_kwargs(
                 noisy.to(teacher_dtype), timesteps, _cast(cond, teacher_dtype)), return_dict=False)[0]

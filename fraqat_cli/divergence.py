@@ -17,8 +17,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from fraqat_cli.errors import ExpectedFailure
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(RuntimeError, ExpectedFailure):
     """The run stopped because its loss or weights diverged; the message is one line a user can act on."""
 
 

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fraqat_cli.cache import atomic_write, cache_key
+from fraqat_cli.cache import cache_key
 from fraqat_cli.checkpointing import StudentCheckpoint
-from fraqat_cli.conditioning import prompt_conditioning, select
+from fraqat_cli.conditioning import prompt_conditioning
+from fraqat_cli.embeddings import Conditioning
 from fraqat_cli.eval_targets import EvalTarget
+from fraqat_cli.files import atomic_write
 from fraqat_cli.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.metrics import fid_from_features, files_features, kid_from_features, stability_warning
-from fraqat_cli.models import load_pipeline, model_identity
+from fraqat_cli.models import LoadedModel, load_model, model_identity
 from fraqat_cli.sampling import generate, image_grid
 from fraqat_cli.student import model_skeleton, rebuild_student
 
@@ -37,9 +38,8 @@ def image_files(folder: Path, count: int) -> list[Path]:
     return [folder / IMAGE_NAME.format(i) for i in range(count)]
 
 
-def ensure_images(
-    pipe, family, model_cfg, cond, negative, seeds: list[int], folder: Path, batch_size: int, what: str
-) -> list[Path]:
+def ensure_images(model: LoadedModel, conditioning: Conditioning, seeds: list[int], folder: Path, batch_size: int,
+                  what: str) -> list[Path]:
     """Generate the images of `folder` that are not there yet; return every image path in prompt order.
 
     Batches always cover the same prompts ([k * batch_size, (k + 1) * batch_size)), so a resumed run
@@ -51,9 +51,7 @@ def ensure_images(
     folder.mkdir(parents=True, exist_ok=True)
     for chunk in tqdm(todo, desc=f"generating {what}", disable=not todo):
         rows = list(chunk)
-        images = generate(
-            pipe, family, model_cfg, select(cond, rows), negative, [seeds[i] for i in rows], batch_size=batch_size
-        )
+        images = generate(model, conditioning.rows(rows), [seeds[i] for i in rows], batch_size=batch_size)
         for i, image in zip(rows, images):
             if not files[i].is_file():
                 atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
@@ -120,11 +118,11 @@ class Evaluator:
     def evaluate(self, target: EvalTarget) -> dict:
         cfg, model_cfg = self.cfg, target.config.model
         started = time.time()
-        family = instantiate(model_cfg.family)
-        cond, negative = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
-        pipe = load_pipeline(model_cfg, without=family.text_parts).to(self.device)
+        conditioning = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
+        model = load_model(model_cfg)
+        pipe = model.pipe.to(self.device)
         draw = lambda folder, what: ensure_images(  # noqa: E731
-            pipe, family, model_cfg, cond, negative, self.seeds, folder, cfg.batch_size, what)
+            model, conditioning, self.seeds, folder, cfg.batch_size, what)
 
         # 1. The teacher's images: the paper's reference, generated once per model, prompts and sampler.
         teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / self.image_key(model_cfg)

@@ -81,12 +81,10 @@ def report_path(out: Path) -> Path:
 def export(cfg: DictConfig) -> dict:
     """Check, write and report, holding one model at a time: the student (its float32 weights mapped from
     the checkpoint, not copied) while writing, then only the written file while checking it."""
-    from hydra.utils import instantiate
-
-    from fraqat_cli.cache import atomic_write
     from fraqat_cli.checkpointing import StudentCheckpoint
     from fraqat_cli.export_example import example_inputs
-    from fraqat_cli.models import load_pipeline
+    from fraqat_cli.files import atomic_write
+    from fraqat_cli.models import family_of, load_model
     from fraqat_cli.student import model_skeleton
 
     # 1. Everything named must exist and make sense before a model is built.
@@ -97,7 +95,7 @@ def export(cfg: DictConfig) -> dict:
     if out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
     model_cfg = stored.config.model
-    family = instantiate(model_cfg.family)
+    family = family_of(model_cfg)
     dtype = deployed_dtype(cfg.dtype, cfg.format, model_cfg.dtype)
     info = {"model": model_cfg.name, "schedule": stored.config.schedule.name,
             "granularity": stored.config.quantizer.granularity, "checkpoint": str(checkpoint), "step": stored.step,
@@ -105,7 +103,7 @@ def export(cfg: DictConfig) -> dict:
             "model_config": OmegaConf.to_container(model_cfg, resolve=True)}  # fraqat-eval rebuilds the pipeline
 
     # 2. Example inputs to trace and check with, and the transformer's structure (the teacher's weights go).
-    pipe = load_pipeline(model_cfg, without=family.text_parts)
+    pipe = load_model(model_cfg).pipe
     example = example_inputs(model_cfg, pipe, cfg.example, cfg.cache_dir)
     skeleton = model_skeleton(pipe.transformer)
     del pipe

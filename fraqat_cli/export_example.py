@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from fraqat_cli.conditioning import prompt_conditioning
+from fraqat_cli.embeddings import conditioning_of
 from fraqat_cli.prompts import offline_captions
 
 
@@ -15,7 +16,7 @@ def example_inputs(model_cfg: DictConfig, pipe, example_cfg: DictConfig, cache_d
     Latents are (B, C, H, W) at the model's resolution; timesteps spread over the schedule.
     """
     batch = example_cfg.batch_size
-    cond, _ = prompt_conditioning(model_cfg, offline_captions(batch, seed=example_cfg.seed), cache_dir)
+    cond = prompt_conditioning(model_cfg, offline_captions(batch, seed=example_cfg.seed), cache_dir).positive
     size = model_cfg.resolution // pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(example_cfg.seed)
     latents = torch.randn(batch, pipe.vae.config.latent_channels, size, size, generator=generator)
@@ -25,8 +26,7 @@ def example_inputs(model_cfg: DictConfig, pipe, example_cfg: DictConfig, cache_d
 
 
 def student_prediction(transformer: torch.nn.Module, family, example: dict[str, torch.Tensor]) -> torch.Tensor:
-    cond = {k: v for k, v in example.items() if k not in ("latents", "timestep")}
-    kwargs = family.transformer_kwargs(example["latents"], example["timestep"], cond)
+    kwargs = family.transformer_kwargs(example["latents"], example["timestep"], conditioning_of(example))
     return transformer(**kwargs, return_dict=False)[0]
 
 

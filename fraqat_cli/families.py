@@ -1,15 +1,41 @@
 """What differs between model families: prompt encoding, transformer inputs, latent layout.
 
-Each family speaks to its own diffusers pipeline and transformer class; the
-distillation loop only calls these four methods, so it never branches on a name.
-Conditioning is a dict of tensors with the batch first, so it caches and
-batches like any other data.
+Each family speaks to its own diffusers pipeline and transformer class; training, evaluation and export
+only call the `Family` methods, so they never branch on a name. Conditioning is a dict of tensors with
+the batch first, so it caches and batches like any other data. A new family is one class here (usually a
+`DiTFamily` subclass overriding `encode_prompts` and `transformer_kwargs`) plus one `conf/model/*.yaml`
+naming it as `family: {_target_: ...}`; the README's "Adding a model family" walks through one.
 """
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from diffusers import FluxPipeline
+
+
+@runtime_checkable
+class Family(Protocol):
+    """What the stages ask of a model family."""
+
+    text_parts: tuple[str, ...]  # the pipeline components that encode prompts (left out once they are cached)
+
+    def encode_prompts(self, pipe, prompts: list[str], max_sequence_length: int,
+                       device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Conditioning of `prompts`, batch first, keyed as the pipeline's own `prompt_embeds`-style arguments."""
+
+    def transformer_kwargs(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> dict:
+        """The transformer's call arguments for clean-layout latents (B, C, H, W), timesteps in [0, 1000)."""
+
+    def pipeline_kwargs(self, cond: dict, negative: dict | None) -> dict:
+        """Pipeline arguments that stand in for prompts, from cached conditioning."""
+
+    def image_latents(self, pipe, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) as the latents the transformer denoises."""
+
+    def from_pipeline_latents(self, pipe, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Latents returned by `pipe(..., output_type="latent")` in (B, C, H, W) layout."""
 
 
 def _vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
@@ -21,7 +47,7 @@ def _vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 class DiTFamily:
-    """Shared behaviour; subclasses set `text_parts` and the conditioning keys."""
+    """`Family`'s shared behaviour; subclasses set `text_parts` and the conditioning keys."""
 
     text_parts: tuple[str, ...] = ("tokenizer", "text_encoder")
 

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fraqat_cli.errors import ExpectedFailure
+
 # errno -> the reason in words, for the failures that are the disk's, not the program's
 DISK_REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -28,7 +30,7 @@ DISK_REASONS = {
 NEARLY_FULL_BYTES = 1 << 20
 
 
-class DiskWriteError(OSError):
+class DiskWriteError(OSError, ExpectedFailure):
     """A file could not be written for a reason that lies with the disk; the message says which and where."""
 
     def __init__(self, path: Path, code: int, needed: int | None = None, free: int | None = None,

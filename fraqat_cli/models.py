@@ -8,16 +8,20 @@ so the same config always yields the same teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+from fraqat_cli.errors import ExpectedFailure
+from fraqat_cli.families import Family
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, ExpectedFailure):
     """A real model could not be loaded; the message says how to point at local weights."""
 
 
@@ -28,6 +32,33 @@ def model_dtype(model_cfg: DictConfig) -> torch.dtype:
 
 
 DENOISER_PARTS = ("transformer", "vae")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as the stages use it, the three things that always travel together: its diffusers pipeline
+    (whose transformer is the teacher, or the student put in its place), its family's conventions, and the
+    `conf/model` entry it was built from (resolution, sampler, sequence length)."""
+
+    pipe: object
+    family: Family
+    config: DictConfig
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+
+def family_of(model_cfg: DictConfig) -> Family:
+    """The `Family` the model config names (`family: {_target_: ...}`)."""
+    return instantiate(model_cfg.family)
+
+
+def load_model(model_cfg: DictConfig, without: tuple[str, ...] | None = None) -> LoadedModel:
+    """The model's pipeline, family and config. `without` None leaves out the text encoders (the stages
+    read prompts' conditioning from the cache, `fraqat_cli.conditioning`)."""
+    family = family_of(model_cfg)
+    return LoadedModel(load_pipeline(model_cfg, family.text_parts if without is None else without), family, model_cfg)
 
 
 def load_pipeline(model_cfg: DictConfig, without: tuple[str, ...] = ()):

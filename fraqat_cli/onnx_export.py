@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fraqat_cli.cache import atomic_write
 from fraqat_cli.deployable import deployable_layers, layer_record
+from fraqat_cli.embeddings import conditioning_of
+from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import QuantizedLayer
-from fraqat_cli.quant.fake_quant import _TINY, quantize_to_codes
+from fraqat_cli.quant.fake_quant import SMALLEST_SPAN, quantize_to_codes
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
 INT8, UINT8 = 3, 2  # onnx.TensorProto element types
@@ -59,7 +60,8 @@ class QuantizedInput(nn.Module):
         if act["static"] and act["range"] is not None:
             low, high = act["range"]
             span = max(abs(low), abs(high)) if act["symmetric"] else high - low
-            self.register_buffer("act_scale", torch.tensor(max(span, _TINY) / (127 if act["symmetric"] else 256)))
+            levels = 127 if act["symmetric"] else 256
+            self.register_buffer("act_scale", torch.tensor(max(span, SMALLEST_SPAN) / levels))
             self.register_buffer("act_low", torch.tensor(float(low)))
             self.act_bound = 127 * float(self.act_scale)  # a constant: the graph clips to it
         else:
@@ -76,11 +78,11 @@ class QuantizedInput(nn.Module):
                 x = x.clamp(-self.act_bound, self.act_bound)  # (a static range can be exceeded)
         elif symmetric:
             dims = tuple(range(x.dim()))
-            scale, low = x.abs().amax(dim=dims).clamp_min(_TINY) / 127, None
+            scale, low = x.abs().amax(dim=dims).clamp_min(SMALLEST_SPAN) / 127, None
         else:
             dims = tuple(range(x.dim()))
             low = x.amin(dim=dims)
-            scale = (x.amax(dim=dims) - low).clamp_min(_TINY) / 256
+            scale = (x.amax(dim=dims) - low).clamp_min(SMALLEST_SPAN) / 256
         # No zero-point inputs (they are 0): the exporter merges equal-bytes constants across dtypes, so an int8
         # and a uint8 zero could become one; `output_dtype` says int8 instead.
         if symmetric:
@@ -171,7 +173,7 @@ def trace(graph_model: nn.Module, family, example: dict[str, torch.Tensor]):
 
     for noisy in ("onnx_ir", "onnxscript"):  # a line per merged constant or folded slice otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cond_names = [k for k in example if k not in ("latents", "timestep")]
+    cond_names = list(conditioning_of(example))
     wrapper = DenoiserGraph(graph_model, family, cond_names).eval()
     with torch.no_grad():
         program = torch.onnx.export(wrapper, tuple(example.values()), dynamo=True, opset_version=OPSET,

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fraqat_cli.cache import atomic_write
 from fraqat_cli.deployable import deployable_layers, layer_record
+from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import PASS_THROUGH_BITS, QuantConv2d, QuantizedLayer, QuantLinear, QuantSpec
 from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes

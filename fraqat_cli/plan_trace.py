@@ -26,7 +26,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fraqat_cli.architecture import block_classes, build_transformer, count_parameters
-from fraqat_cli.models import load_pipeline, model_dtype
+from fraqat_cli.models import LoadedModel, family_of, load_pipeline, model_dtype
 
 TOTAL = "Total"  # MemTracker's key for a device's sum
 
@@ -156,7 +156,7 @@ def example_row(model_cfg: DictConfig) -> dict[str, torch.Tensor]:
     """One training row as the loader gives it (batch dimension 1): the cached conditioning of a prompt, in
     the text encoders' dtype, and float32 clean latents of an image at the model's resolution, from the
     family's own prompt encoding and VAE on the stand-in parts."""
-    family, pipe = instantiate(model_cfg.family), stand_in_pipeline(model_cfg)
+    family, pipe = family_of(model_cfg), stand_in_pipeline(model_cfg)
     cond = family.encode_prompts(pipe, ["a red circle"], model_cfg.max_sequence_length, device="cpu")
     image = torch.zeros(1, 3, model_cfg.resolution, model_cfg.resolution)  # (1, 3, R, R)
     latents = family.image_latents(pipe, image).float()  # (1, C, R/f, R/f)
@@ -177,8 +177,8 @@ def stand_in_data(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     scheduler = instantiate(_stand_in_parts(cfg.model)["scheduler"])
     noise = instantiate(cfg.model.noise)
     noise.bind(scheduler.config)
-    family = instantiate(cfg.model.family)
-    return TrainingData(SimpleNamespace(transformer=teacher), family, noise, [], batch_size, 0, {}, {})
+    model = LoadedModel(SimpleNamespace(transformer=teacher), family_of(cfg.model), cfg.model)
+    return TrainingData(model, noise, [], batch_size, 0, None)
 
 
 def _state_bytes(module: nn.Module) -> tuple[int, int]:

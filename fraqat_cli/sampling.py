@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
-from fraqat_cli.conditioning import select
+from fraqat_cli.embeddings import Conditioning
+from fraqat_cli.models import LoadedModel
 
 
 @torch.no_grad()
-def generate(pipe, family, model_cfg: DictConfig, cond: dict, negative: dict, seeds: list[int],
-             output_type: str = "pil", batch_size: int = 8, resolution: int | None = None):
-    """Images (PIL list) or latents (tensor in (B, C, H, W) layout) for every row of `cond`.
+def generate(model: LoadedModel, conditioning: Conditioning, seeds: list[int], output_type: str = "pil",
+             batch_size: int = 8, resolution: int | None = None):
+    """Images (PIL list) or latents (tensor in (B, C, H, W) layout) for every prompt of `conditioning`, drawn
+    by `model.pipe`'s transformer.
 
     Row i is drawn from `torch.Generator().manual_seed(seeds[i])`, so a prompt's
     image does not depend on its batch neighbours.
     """
-    rows = len(next(iter(cond.values())))
-    if rows != len(seeds):
-        raise ValueError(f"generate: {rows} conditioning rows but {len(seeds)} seeds; give one seed per row")
+    if len(conditioning) != len(seeds):
+        raise ValueError(f"generate: {len(conditioning)} conditioning rows but {len(seeds)} seeds; "
+                         f"give one seed per row")
+    pipe, family, model_cfg = model.pipe, model.family, model.config
     resolution = resolution or model_cfg.resolution
     sampler = model_cfg.sampler
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
@@ -27,8 +29,8 @@ def generate(pipe, family, model_cfg: DictConfig, cond: dict, negative: dict, se
     for start in range(0, len(seeds), batch_size):
         rows = slice(start, start + batch_size)
         kwargs = family.pipeline_kwargs(
-            {k: to_pipe(v) for k, v in select(cond, rows).items()},
-            {k: to_pipe(v) for k, v in negative.items()},
+            {k: to_pipe(v) for k, v in conditioning.rows(rows).positive.items()},
+            {k: to_pipe(v) for k, v in conditioning.negative.items()},
         )
         result = pipe(
             **kwargs,
@@ -61,13 +63,15 @@ def image_grid(images, columns: int | None = None):
     return grid
 
 
-def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed: int):
+def student_grid_maker(model: LoadedModel, conditioning: Conditioning, count: int, seed: int):
     """A function student -> grid image of the first `count` prompts, drawn by the student inside the
     teacher's pipeline.
 
     The student keeps its float32 master weights; the pipeline (VAE, latents, conditioning) runs in the
     teacher's dtype, so the student runs under autocast to that dtype, as it does in bf16-mixed training.
     """
+
+    pipe = model.pipe
 
     def make(student):
         teacher, was_training = pipe.transformer, student.training
@@ -76,9 +80,7 @@ def student_grid_maker(pipe, family, model_cfg, cond, negative, count: int, seed
         pipe.transformer = student.eval()
         try:
             with torch.autocast(device.type, dtype=teacher.dtype, enabled=teacher.dtype != student.dtype):
-                rows = slice(0, count)
-                images = generate(pipe, family, model_cfg, select(cond, rows), negative,
-                                  list(range(seed, seed + count)))
+                images = generate(model, conditioning.rows(slice(0, count)), list(range(seed, seed + count)))
         finally:
             pipe.transformer = teacher
             student.train(was_training)

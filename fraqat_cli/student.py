@@ -8,26 +8,76 @@ from its checkpoint without copying any weight of the teacher: its structure is 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from collections.abc import Mapping
+from importlib import resources
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fraqat_cli.checkpointing import StudentCheckpoint, release_pages
+from fraqat_cli.checks import positive_int
 from fraqat_cli.lora import merge_lora_state
-from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizationSummary, QuantizedLayer, quantize_model
-from fraqat_cli.quantizer import build_quant_config
+from fraqat_cli.quant import (
+    DEFAULT_INCLUDE,
+    PASS_THROUGH_BITS,
+    FakeQuantizer,
+    QuantConfig,
+    QuantizationSummary,
+    QuantizedLayer,
+    QuantSpec,
+    quantize_model,
+)
+
+QUANT_CONFIG_TARGET = "fraqat_cli.student.quant_config"
+
+
+def quant_config(*, granularity: str, group_size: int | None, symmetric: bool, rounding: str,
+                 activation_bits: float | None, activation_granularity: str, activation_symmetric: bool,
+                 activation_rounding: str, static_activations: bool, calibration_batches: int, layers,
+                 weight_bits: float | None, include=DEFAULT_INCLUDE, exclude=()) -> QuantConfig:
+    """The `_target_` of `conf/quantizer/_base.yaml`: its flat keys (the names users override) as the quantization
+    core's `QuantConfig`. `weight_bits` comes from the schedule, `include`/`exclude` from `conf/selection`."""
+    if static_activations:
+        positive_int("quantizer.calibration_batches", calibration_batches)
+    return QuantConfig(
+        weight=QuantSpec(granularity=granularity, group_size=group_size, symmetric=bool(symmetric), rounding=rounding),
+        weight_bits=weight_bits,
+        activation=QuantSpec(granularity=activation_granularity, symmetric=bool(activation_symmetric),
+                             rounding=activation_rounding),
+        activation_bits=activation_bits,
+        static_activations=bool(static_activations),
+        include=tuple(include),
+        exclude=tuple(exclude),
+        layers=layers if isinstance(layers, str) else tuple(layers),  # a lone string: QuantConfig names it
+    )
+
+
+def build_quant_config(quantizer: Mapping, selection: Mapping | None = None,
+                       weight_bits: float | None = 8) -> QuantConfig:
+    """`quantizer` (a `conf/quantizer` entry) says how, `selection` (a `conf/selection` entry; None: the
+    transformer blocks) which layers, `weight_bits` at what width. A quantizer config saved by an older
+    version (no `_target_`, fewer keys) takes what it lacks from `_base.yaml`."""
+    from fraqat_cli.cli import instantiate_or_raise
+
+    node = OmegaConf.create(OmegaConf.to_container(quantizer, resolve=True) if isinstance(quantizer, DictConfig)
+                            else dict(quantizer))
+    if "_target_" not in node:
+        node = OmegaConf.merge(_base_quantizer(), {"granularity": "per_channel"}, node)
+    selection = selection or {}
+    include, exclude = selection.get("include") or DEFAULT_INCLUDE, selection.get("exclude") or ()
+    return instantiate_or_raise(node, weight_bits=weight_bits, include=list(include), exclude=list(exclude))
+
+
+def _base_quantizer() -> DictConfig:
+    return OmegaConf.load(resources.files("fraqat_cli.conf") / "quantizer" / "_base.yaml")
 
 
 def quantize_student(model: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,
                      start_bits: float) -> QuantizationSummary:
-    """Swap the layers `selection_cfg` names for fake-quantized ones at `start_bits`. A schedule that never
-    quantizes (`fp`) also leaves activations in full precision: the reference student is the teacher, trained."""
-    config = build_quant_config(quantizer_cfg, selection_cfg, weight_bits=start_bits)
-    if start_bits >= PASS_THROUGH_BITS:
-        config = replace(config, activation_bits=None)
-    return quantize_model(model, config)
+    """Swap the layers `selection_cfg` names for fake-quantized ones at `start_bits` (the schedule's first
+    width). Activations follow `quantizer.activation_bits` alone (null: full precision)."""
+    return quantize_model(model, build_quant_config(quantizer_cfg, selection_cfg, weight_bits=start_bits))
 
 
 def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,

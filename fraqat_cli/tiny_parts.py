@@ -2,8 +2,9 @@
 
 The tiny models (`conf/model/tiny_*.yaml`) use the same diffusers and
 transformers classes as the real ones, with tiny configs and random weights;
-only their tokenizers cannot come from a hub, so they are trained here on the
-offline prompt corpus.
+only their tokenizers cannot come from a hub, so they are trained here on a
+corpus the config passes in (the offline captions' vocabulary,
+`fraqat_cli.prompts.tokenizer_corpus`, which lives with the data).
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ from __future__ import annotations
 from transformers import CLIPTokenizer, GemmaTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fraqat_cli.prompts import tokenizer_corpus
 
-
-def gemma_tokenizer(vocab_size: int = 300, model_max_length: int = 300) -> GemmaTokenizer:
-    tok = GemmaTokenizer().train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
+def gemma_tokenizer(corpus: list[str], vocab_size: int = 300, model_max_length: int = 300) -> GemmaTokenizer:
+    tok = GemmaTokenizer().train_new_from_iterator(corpus, vocab_size=vocab_size)
     tok.model_max_length = model_max_length
     return tok
 
 
-def t5_tokenizer(vocab_size: int = 200, model_max_length: int = 512) -> T5Tokenizer:
-    tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(tokenizer_corpus(), vocab_size=vocab_size)
+def t5_tokenizer(corpus: list[str], vocab_size: int = 200, model_max_length: int = 512) -> T5Tokenizer:
+    tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=vocab_size)
     tok.model_max_length = model_max_length
     return tok
 

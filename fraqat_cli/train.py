@@ -40,11 +40,12 @@ def job_overrides() -> list[str]:
 
 def check_numbers(cfg: DictConfig) -> None:
     """Reject nonsense before any model is built."""
+    from fraqat_cli.attention_backends import attention_backends
     from fraqat_cli.checkpointing import check_checkpoint_settings
     from fraqat_cli.divergence import check_divergence_settings
     from fraqat_cli.lora import check_lora_settings
     from fraqat_cli.optimizers import check_optimizer
-    from fraqat_cli.quantizer import build_quant_config
+    from fraqat_cli.student import build_quant_config
     from fraqat_cli.validation import held_out_rows
 
     positive_int("trainer.max_steps", cfg.trainer.max_steps)
@@ -58,9 +59,8 @@ def check_numbers(cfg: DictConfig) -> None:
     check_lora_settings(cfg.trainable)
     check_divergence_settings(cfg)
     positive_int("validation.every_n_steps", cfg.validation.every_n_steps)
+    attention_backends(cfg.attention_backends)
     held_out_rows(2, cfg.validation.share, 0)  # the share's range, checked before any model is built
-    if cfg.quantizer.static_activations:
-        positive_int("quantizer.calibration_batches", cfg.quantizer.calibration_batches)
     build_quant_config(cfg.quantizer, cfg.selection)  # granularity, rounding, layer kinds: before any folder
 
 
@@ -100,14 +100,12 @@ def train(cfg: DictConfig) -> dict:
 class TrainingData:
     """What the teacher's pipeline and the caches give a run: the rows to train on and a few to draw."""
 
-    pipe: object  # the family's diffusers pipeline without its text encoders; its transformer is the teacher
-    family: object
+    model: object  # LoadedModel: the pipeline without its text encoders (its transformer is the teacher), family
     noise: object
     dataset: object  # (conditioning, latents) rows, read lazily from the caches
     batch_size: int
     num_workers: int
-    grid_cond: dict  # the sample grid's prompts, in memory
-    negative: dict
+    grid: object  # Conditioning: the sample grid's prompts, in memory
     held_out: object = None  # rows never trained on: the validation loss's (`fraqat_cli.validation`)
 
     def loader(self):
@@ -122,26 +120,28 @@ class TrainingData:
 def prepare_data(cfg: DictConfig, source) -> TrainingData:
     from fraqat_cli.conditioning import conditioning_store
     from fraqat_cli.data import ConditionedLatents
-    from fraqat_cli.models import load_pipeline
+    from fraqat_cli.embeddings import Conditioning
+    from fraqat_cli.models import load_model
     from fraqat_cli.validation import split_rows
 
-    family, noise = instantiate(cfg.model.family), instantiate(cfg.model.noise)
+    noise = instantiate(cfg.model.noise)
     conditioning = conditioning_store(cfg.model, source.prompts(), cfg.cache_dir)
-    pipe = load_pipeline(cfg.model, without=family.text_parts)
-    latents = source.latent_store(pipe, family, cfg.model, conditioning, cfg.cache_dir, cfg.seed)
-    noise.bind(pipe.scheduler.config)
+    model = load_model(cfg.model)
+    latents = source.latent_store(model, conditioning, cfg.cache_dir, cfg.seed)
+    noise.bind(model.pipe.scheduler.config)
     rows = ConditionedLatents(conditioning, latents)
     train_rows, held_out = split_rows(rows, cfg.validation.share, cfg.validation.seed)
-    return TrainingData(pipe, family, noise, train_rows, source.batch_size, source.num_workers,
-                        conditioning.read(0, cfg.num_sample_images), conditioning.shared(), held_out)
+    grid = Conditioning(conditioning.read(0, cfg.num_sample_images), conditioning.shared())
+    return TrainingData(model, noise, train_rows, source.batch_size, source.num_workers, grid, held_out)
 
 
 def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
+    from fraqat_cli.attention_backends import attention_backends
     from fraqat_cli.distill import DistillationModule
     from fraqat_cli.lora import lora_from_config
     from fraqat_cli.student import build_student
 
-    teacher = data.pipe.transformer
+    teacher = data.model.transformer
     student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
     if (lora := lora_from_config(student, cfg.trainable)) is not None:  # trainable=lora: low-rank QAT
         print(lora)
@@ -149,10 +149,10 @@ def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
         student.enable_gradient_checkpointing()
     print(f"student: {summary}; schedule: {schedule}")
     module = DistillationModule(
-        teacher, student, data.family, data.noise,
+        teacher, student, data.model.family, data.noise,
         optimizer=instantiate_or_raise(cfg.optim),
         trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
-        record={"schedule": repr(schedule)},
+        record={"schedule": repr(schedule)}, attention_backends=attention_backends(cfg.attention_backends),
     )
     if cfg.quantizer.static_activations:
         module.calibration_batches = first_batches(data.dataset, data.batch_size, cfg.quantizer.calibration_batches)
@@ -177,8 +177,7 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     if data.held_out is not None:
         callbacks.append(HeldOutLoss(data.held_out, cfg.validation.every_n_steps, data.batch_size, cfg.validation.seed))
     if cfg.sample_every_n_steps > 0:
-        make_grid = student_grid_maker(data.pipe, data.family, cfg.model, data.grid_cond, data.negative,
-                                       cfg.num_sample_images, cfg.seed)
+        make_grid = student_grid_maker(data.model, data.grid, cfg.num_sample_images, cfg.seed)
         callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy built from config (conf/trainer/fsdp.yaml)
@@ -245,8 +244,11 @@ def make_logger(cfg: DictConfig, run_dir: Path):
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train, print the metrics, and return the held-out validation loss: the objective a sweeper
+    (`hparams_search=schedule`, Optuna) minimises. None when `validation.share=0` holds no rows out."""
     quiet_console()
     metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
         print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
+    return metrics.get("validation_loss")

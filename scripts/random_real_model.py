@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.architecture import build_transformer, count_parameters
 from fraqat_cli.cli import run_reporting_errors
-from fraqat_cli.models import DTYPES, load_pipeline
+from fraqat_cli.models import DTYPES, family_of, load_pipeline
 
 
 def real_model_config(name: str) -> DictConfig:
@@ -72,7 +72,7 @@ def write_folder(pipe, out: Path) -> None:
 def check_forward(model_cfg: DictConfig, out: Path, dtype_name: str, resolution: int, device: str) -> dict:
     """Load `out` as `model=<name> model.path=out` does and run one transformer forward, batch 1."""
     cfg = OmegaConf.merge(model_cfg, {"path": str(out), "dtype": dtype_name})
-    family = instantiate(cfg.family)
+    family = family_of(cfg)
     start = time.perf_counter()
     pipe = load_pipeline(cfg)
     loaded_s = time.perf_counter() - start

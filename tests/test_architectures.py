@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from train_support import quantizer_preset
 
 from fraqat_cli.architecture import block_classes, build_transformer, count_parameters, transformer_kwargs
 from fraqat_cli.models import load_pipeline
 from fraqat_cli.quant import QuantLinear, quantize_model, set_weight_bits
-from fraqat_cli.quantizer import build_quant_config
+from fraqat_cli.student import build_quant_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REAL = ("sana", "pixart_sigma", "sd35_medium", "flux_schnell")
@@ -91,7 +92,7 @@ def test_every_block_class_resolves_and_occurs_in_the_model(name):
 
 @pytest.mark.parametrize("name", REAL)
 def test_selections_quantize_the_expected_layers_of_the_real_models(name):
-    quantizer = OmegaConf.load(CONF / "quantizer" / "per_tensor.yaml")
+    quantizer = quantizer_preset("per_tensor")
     summaries = {}
     for choice in ("transformer_blocks", "all_linear"):
         model = build_transformer(model_config(name))

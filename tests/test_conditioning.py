@@ -19,8 +19,9 @@ from train_support import cli_env
 from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.conditioning import conditioning_store, prompt_conditioning
 from fraqat_cli.data import ConditionedLatents, PromptOnlySource
+from fraqat_cli.embeddings import Conditioning
 from fraqat_cli.families import SanaFamily
-from fraqat_cli.models import load_pipeline
+from fraqat_cli.models import load_model
 from fraqat_cli.prompts import offline_captions
 from fraqat_cli.sampling import generate
 
@@ -111,7 +112,7 @@ def test_a_complete_store_is_read_without_loading_the_encoders(tmp_path, monkeyp
     counting = CountingEncoder(monkeypatch)
     again = prompt_conditioning(tiny(), prompts, str(tmp_path), device="cpu")
     assert counting.calls == 0
-    assert all(torch.equal(first[0][k], again[0][k]) for k in first[0])
+    assert all(torch.equal(first.positive[k], again.positive[k]) for k in first.positive)
 
 
 @pytest.mark.parametrize(("overrides", "prompts", "message"), [
@@ -201,7 +202,7 @@ def test_teacher_latents_resume_after_an_interruption_and_match_one_generation(t
     model_cfg = tiny(encode_batch_size=2)
     source = PromptOnlySource(num_prompts=5, shard_rows=2)
     conditioning = conditioning_store(model_cfg, source.prompts(), str(tmp_path), device="cpu")
-    pipe = load_pipeline(model_cfg, without=SanaFamily.text_parts)
+    model = load_model(model_cfg)
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -212,14 +213,13 @@ def test_teacher_latents_resume_after_an_interruption_and_match_one_generation(t
 
     monkeypatch.setattr(data, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        source.latent_store(pipe, SanaFamily(), model_cfg, conditioning, str(tmp_path), seed=7, device="cpu")
+        source.latent_store(model, conditioning, str(tmp_path), seed=7, device="cpu")
     monkeypatch.setattr(data, "generate", generate)
-    store = source.latent_store(pipe, SanaFamily(), model_cfg, conditioning, str(tmp_path), seed=7, device="cpu")
+    store = source.latent_store(model, conditioning, str(tmp_path), seed=7, device="cpu")
     assert len(store) == 5 and len(store.files) == 3
 
-    expected = generate(pipe, SanaFamily(), model_cfg, conditioning.load(), conditioning.shared(),
-                        list(range(7, 12)), output_type="latent")
+    in_memory_conditioning = Conditioning(conditioning.load(), conditioning.shared())
+    expected = generate(model, in_memory_conditioning, list(range(7, 12)), output_type="latent")
     torch.testing.assert_close(store.load()["latents"], expected)
-    in_memory = source.latents(pipe, SanaFamily(), model_cfg, conditioning.load(), conditioning.shared(),
-                               str(tmp_path), seed=7)  # the whole-set API reads the same cache entry
+    in_memory = source.latents(model, in_memory_conditioning, str(tmp_path), seed=7)  # reads the same cache entry
     assert torch.equal(in_memory, store.load()["latents"])

@@ -6,13 +6,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from train_support import quantizer_preset
 
 from fraqat_cli.distill import DistillationModule
 from fraqat_cli.models import load_pipeline
 from fraqat_cli.quant import QuantLinear, set_weight_bits
 from fraqat_cli.student import build_student
 
-QUANTIZER = OmegaConf.load("conf/quantizer/per_channel.yaml")
+QUANTIZER = quantizer_preset("per_channel")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,32 @@ def test_static_activation_ranges_are_measured_on_the_calibration_batches(tiny_s
     assert torch.isfinite(ranges[0]).all() and (ranges[0][:, 0] < ranges[0][:, 1]).all()
     torch.testing.assert_close(ranges[0], ranges[1], atol=0, rtol=0)  # same batches, same noise: same ranges
     assert torch.isfinite(module.distillation_loss(fixed_batch())["loss"])  # the static student now runs
+
+
+def test_training_attention_uses_only_the_configured_kernels(tiny_sana):
+    """`attention_backends` reaches the forward: a kernel list the CPU cannot serve fails, math alone agrees
+    with torch's own choice, and the default leaves cuDNN out (its backward gave NaN on CUDA for FLUX)."""
+    from fraqat_cli.attention_backends import attention_backends
+
+    model_cfg, pipe = tiny_sana
+    batch = fixed_batch()
+    torch.manual_seed(0)
+    free = make_module(model_cfg, pipe).distillation_loss(batch)["loss"]
+    torch.manual_seed(0)
+    math_only = make_module(model_cfg, pipe, attention_backends=attention_backends(["math"])).distillation_loss(batch)
+    torch.testing.assert_close(math_only["loss"], free, rtol=1e-4, atol=1e-9)
+    with pytest.raises(RuntimeError):
+        make_module(model_cfg, pipe, attention_backends=attention_backends(["cudnn"])).distillation_loss(batch)
+    assert "cudnn" not in OmegaConf.load("conf/train.yaml").attention_backends
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["flash", "cudnn2"], "names unknown kernel(s) ['cudnn2']; allowed: flash, efficient, math, cudnn"),
+    ("flash", "must be a list"),
+])
+def test_unknown_attention_backends_are_named(names, message):
+    from fraqat_cli.attention_backends import attention_backends
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        attention_backends(names)
+    assert attention_backends(None) is None and attention_backends([]) is None

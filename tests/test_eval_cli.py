@@ -18,8 +18,7 @@ from train_support import FAST, cli_env, fraqat_train, train_sweep
 from fraqat_cli.comparison import comparison_table
 from fraqat_cli.conditioning import prompt_conditioning
 from fraqat_cli.evaluate import CSV_COLUMNS, append_csv, evaluate
-from fraqat_cli.families import SanaFamily
-from fraqat_cli.models import load_pipeline
+from fraqat_cli.models import load_model
 from fraqat_cli.sampling import generate
 
 EVAL_FAST = ["prompts.count=6", "logger=csv", "batch_size=6", "clip.model=null"]
@@ -142,10 +141,10 @@ def test_a_csv_from_before_the_new_columns_gets_them_and_keeps_its_rows(tmp_path
 def test_same_seed_same_images_and_different_seeds_different_images(tmp_path):
     model_cfg = OmegaConf.load("conf/model/tiny_sana.yaml")
     prompts = ["a small red circle at the top left on a blue background"] * 2
-    cond, negative = prompt_conditioning(model_cfg, prompts, str(tmp_path))
-    pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
-    first = generate(pipe, SanaFamily(), model_cfg, cond, negative, [5, 6])
-    again = generate(pipe, SanaFamily(), model_cfg, cond, negative, [5, 6])
+    conditioning = prompt_conditioning(model_cfg, prompts, str(tmp_path))
+    model = load_model(model_cfg)
+    first = generate(model, conditioning, [5, 6])
+    again = generate(model, conditioning, [5, 6])
     assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
     assert np.array_equal(np.asarray(first[1]), np.asarray(again[1]))
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), "same prompt, different seeds"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from train_support import quantizer_preset
 
 from fraqat_cli.export_example import example_inputs, relative_difference, student_prediction
 from fraqat_cli.models import load_pipeline
@@ -89,7 +90,7 @@ def families(tmp_path_factory):
 
 
 def quantized_student(teacher, model_cfg, quantizer: str, bits: float = 4, **overrides):
-    quantizer_cfg = OmegaConf.merge(OmegaConf.load(CONF / "quantizer" / f"{quantizer}.yaml"), overrides)
+    quantizer_cfg = OmegaConf.merge(quantizer_preset(quantizer), overrides)
     student, _ = build_student(teacher, quantizer_cfg, None, start_bits=bits)
     with torch.no_grad():  # move the weights off the teacher's, so that a mix-up would show
         for p in student.parameters():

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from train_support import FAST, console, fraqat_train
+from train_support import FAST, console, fraqat_train, quantizer_preset
 
 from fraqat_cli.checkpointing import LAST, StudentCheckpoint, load_checkpoint
 from fraqat_cli.distill import freeze_all_but
@@ -19,7 +19,7 @@ from fraqat_cli.lora import add_lora, merge_lora
 from fraqat_cli.quant import QuantLinear, fake_quantize, set_weight_bits
 from fraqat_cli.student import build_student, rebuild_student
 
-QUANTIZER = OmegaConf.load("conf/quantizer/per_channel.yaml")
+QUANTIZER = quantizer_preset("per_channel")
 LORA_PATTERNS = list(OmegaConf.load("conf/trainable/lora.yaml").patterns)
 
 

@@ -2,12 +2,12 @@
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from train_support import QUANTIZER_PRESET_NAMES, quantizer_preset
 
 from fraqat_cli.quant import (
     QuantConfig,
@@ -19,11 +19,10 @@ from fraqat_cli.quant import (
     set_weight_bits,
     weight_bits_of,
 )
-from fraqat_cli.quantizer import build_quant_config
+from fraqat_cli.student import build_quant_config
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
-QUANTIZER_PRESETS = sorted((Path(__file__).resolve().parents[1] / "conf" / "quantizer").glob("*.yaml"))
 
 
 def _linear_names(model, cls=nn.Linear):
@@ -176,11 +175,11 @@ def test_static_activations_calibrate_on_the_model_then_run(tiny_sana_transforme
     assert torch.isfinite(model(**tiny_sana_batch).sample).all()
 
 
-@pytest.mark.parametrize("preset", QUANTIZER_PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", QUANTIZER_PRESET_NAMES)
 def test_every_quantizer_preset_builds_a_config_that_quantize_model_accepts(
     preset, tiny_sana_transformer, tiny_sana_batch
 ):
-    entry = OmegaConf.load(preset)
+    entry = quantizer_preset(preset)
     config = build_quant_config(entry, weight_bits=4)
     assert config.weight == QuantSpec(
         granularity=entry.granularity, group_size=entry.group_size, symmetric=entry.symmetric, rounding=entry.rounding
@@ -194,7 +193,7 @@ def test_every_quantizer_preset_builds_a_config_that_quantize_model_accepts(
 
 
 def test_the_selection_names_the_quantized_layers():
-    entry = OmegaConf.load(QUANTIZER_PRESETS[0])
+    entry = quantizer_preset(QUANTIZER_PRESET_NAMES[0])
     config = build_quant_config(entry, {"include": ["transformer_blocks.*.attn1.*"], "exclude": ["*to_out*"]})
     assert config.include == ("transformer_blocks.*.attn1.*",) and config.exclude == ("*to_out*",)
     assert build_quant_config(entry, OmegaConf.load("conf/selection/all_linear.yaml")).include == ("*",)

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
-from train_support import FAST, fraqat_train
+from train_support import FAST, fraqat_train, quantizer_preset
 
 from fraqat_cli.distill import DistillationModule
 from fraqat_cli.models import load_pipeline
@@ -68,7 +68,7 @@ class _Trainer:  # what HeldOutLoss.measure reads of the trainer: its precision'
 def test_validation_draws_are_fixed_so_the_loss_moves_only_with_the_student():
     model_cfg = OmegaConf.load("conf/model/tiny_sana.yaml")
     pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
-    student, _ = build_student(pipe.transformer, OmegaConf.load("conf/quantizer/per_channel.yaml"), None, 4)
+    student, _ = build_student(pipe.transformer, quantizer_preset("per_channel"), None, 4)
     noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
     module = DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise)
     module.trainer = _Trainer()

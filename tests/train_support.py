@@ -62,3 +62,15 @@ def console(script: str, args: list[str], cwd: Path, cache_dir: Path) -> subproc
     """Run an installed console script (fraqat-eval, fraqat-export, ...) as a user would."""
     command = [str(Path(sys.executable).parent / script), *args]
     return subprocess.run(command, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+
+
+QUANTIZER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quantizer"
+QUANTIZER_PRESET_NAMES = sorted(p.stem for p in QUANTIZER_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def quantizer_preset(name: str = "per_channel", *overrides: str):
+    """`conf/quantizer/<name>.yaml` composed as fraqat-train composes it (its shared `_base.yaml` included)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=[f"quantizer={name}", *overrides]).quantizer

@@ -37,7 +37,7 @@ from fraqat_cli.quant.spec import PASS_THROUGH_BITS, QuantSpec, validate_bits
 from fraqat_cli.quant.ste import StraightThrough
 
 # Smallest positive float32; keeps an all-zero tensor (or group) from dividing by zero.
-_TINY = torch.finfo(torch.float32).tiny
+SMALLEST_SPAN = torch.finfo(torch.float32).tiny
 
 
 def code_range(bits: float, symmetric: bool, rounding: str = "floor") -> tuple[int, int]:
@@ -101,7 +101,7 @@ def _codes_view(
             low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
             low, high = value_range
-        span = torch.maximum(low.abs(), high.abs()).to(view.dtype).clamp_min_(_TINY)
+        span = torch.maximum(low.abs(), high.abs()).to(view.dtype).clamp_min_(SMALLEST_SPAN)
         ratio = torch.div(view, span)  # (..., G) in [-1, 1] for in-range values
         offset = None
     else:
@@ -110,7 +110,7 @@ def _codes_view(
             low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
             low, high = (v.to(view.dtype) for v in value_range)
-        span = (high - low).clamp_min_(_TINY)
+        span = (high - low).clamp_min_(SMALLEST_SPAN)
         ratio = torch.sub(view, low).div_(span)  # (..., G) in [0, 1] for in-range values
         offset = low
     codes = ratio.mul_(levels)
