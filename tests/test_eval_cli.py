@@ -184,6 +184,18 @@ def test_every_logger_option_resolves_in_the_eval_config(logger):
         OmegaConf.to_container(cfg.logger, resolve=True)  # raises on a key the eval config lacks
 
 
+def test_the_wandb_logger_passes_wandb_no_deprecated_setting(tmp_path):
+    """Lightning passes `anonymous=None` to `wandb.init`, which warns at every run that it has no effect."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from fraqat_cli.cli import instantiate_or_raise
+
+    cfg = compose_eval("ckpt=teacher", "model=toy", "logger=wandb")
+    logger = instantiate_or_raise(cfg.logger, save_dir=str(tmp_path))
+    assert isinstance(logger, WandbLogger) and logger._wandb_init["name"] == cfg.run_name
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "fraqat"
+
+
 def test_corrupt_checkpoint_exits_non_zero_with_a_clear_message(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint at all")
     result = fraqat_eval([f"ckpt={tmp_path}/bad.ckpt", *EVAL_FAST, f"results_csv={tmp_path}/results.csv"],
