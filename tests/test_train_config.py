@@ -15,7 +15,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The group's choices; a leading underscore marks what the choices share (`quantizer/_base.yaml`,
+    `experiment/_paper.yaml`), not a choice by itself."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def compose_train(*overrides: str):
