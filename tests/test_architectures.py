@@ -19,7 +19,7 @@ from fraqat_cli.student import build_quant_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REAL = ("sana", "pixart_sigma", "sd35_medium", "flux_schnell")
-SMALL = ("tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux", "toy")
+SMALL = ("tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux", "toy", "toy_pixart", "toy_flux")
 
 # name: (the figure from the public configs in billions, the exact count diffusers 0.42 builds,
 #        the number of blocks of each block class)
