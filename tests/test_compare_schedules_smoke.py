@@ -81,6 +81,56 @@ def test_one_rounding_has_no_ratio_table_and_one_seed_no_interval(script):
     assert "ratio" not in table and "one seed: no interval" in table
 
 
+def family_rows(model, selection, schedule, granularity, fids, share):
+    return [{"model": model, "selection": selection, "rounding": "nearest_int_range", "schedule": schedule,
+             "granularity": granularity, "seed": seed, "fid": fid, "held_out_loss": 0.004, "quantized_share": share}
+            for seed, fid in enumerate(fids)]
+
+
+def test_family_table_has_the_teacher_and_each_gap_to_standard_qat(script):
+    rows = (family_rows("toy", "transformer_blocks", "standard", "per_tensor", [15.0, 16.0, 17.0], 0.409)
+            + family_rows("toy", "transformer_blocks", "fractional", "per_tensor", [13.5, 14.4, 15.3], 0.409)
+            + family_rows("toy", "transformer_blocks", "standard", "per_channel", [8.0, 9.0, 7.0], 0.409)
+            + family_rows("toy", "transformer_blocks", "fractional", "per_channel", [8.4, 8.1, 7.7], 0.409))
+    lines = script.summarize(rows, [{"model": "toy", "fid": 0.0}]).splitlines()
+    assert "| toy | - | teacher (full precision) | - | 0 (reference) |" in lines[4]
+    fraqat = next(line for line in lines if line.startswith("| toy | per_tensor | FraQAT | 3 | 14.40 ± 0.90 |"))
+    assert "| -10.0% | [-10.0%, -10.0%] | **yes** |" in fraqat and fraqat.endswith("| 40.9% |")
+    channel = next(line for line in lines if line.startswith("| toy | per_channel | FraQAT | 3 |"))
+    assert "| no |" in channel  # +5.0%, -10.0%, +10.0%
+
+
+def test_selections_group_the_tables_and_get_their_own_ratio(script):
+    rows = (family_rows("toy", "transformer_blocks", "standard", "per_tensor", [15.0, 16.0], 0.409)
+            + family_rows("toy", "all_linear", "standard", "per_tensor", [30.0, 32.0], 0.5)
+            + family_rows("toy", "all_linear", "fractional", "per_tensor", [27.0, 28.8], 0.5))
+    table = script.summarize(rows)
+    assert "| toy | all_linear | per_tensor | FraQAT | 2 | 27.90 ± 1.27 | -10.0% |" in table
+    assert "Details, model `toy`, selection `all_linear`:" in table
+    ratio = next(line for line in table.splitlines() if "transformer_blocks / all_linear" in line)
+    assert ratio.startswith("| standard | per_tensor | transformer_blocks / all_linear | 2 | 0.500 |")
+
+
+def test_sweeps_give_the_headline_schedules_their_own_seed_count(script, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["compare_schedules.py", "--models", "toy",
+                                      "--selections", "transformer_blocks,all_linear_conv",
+                                      "--schedules", "standard,fractional,integer", "--seeds", "8",
+                                      "--other-seeds", "2", "--granularities", "per_tensor"])
+    sweeps = script.sweeps(script.parse_args())
+    assert len(sweeps) == 4  # (headline, others) x 2 selections
+    assert "schedule=standard,fractional" in sweeps[0] and "seed=0,1,2,3,4,5,6,7" in sweeps[0]
+    assert "schedule=integer" in sweeps[1] and "seed=0,1" in sweeps[1]
+    assert {"selection=all_linear", "quantizer.layers=[linear,pointwise_conv]"} <= set(sweeps[2])
+
+
+@pytest.mark.parametrize("flag", ["--schedules", "--models", "--selections"])
+def test_a_name_not_in_conf_is_refused_naming_the_allowed_ones(script, monkeypatch, capsys, flag):
+    monkeypatch.setattr(sys, "argv", ["compare_schedules.py", flag, "standard,nonesuch"])
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args()
+    assert exit_.value.code == 2 and "'standard,nonesuch': allowed names are" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compare_schedules_smoke_prints_a_table_and_saves_a_plot(tmp_path, cache_dir):
     result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path / "out")], cwd=tmp_path,
@@ -89,5 +139,10 @@ def test_compare_schedules_smoke_prints_a_table_and_saves_a_plot(tmp_path, cache
     assert "| standard | per_tensor | 1 |" in result.stdout and "| fractional | per_tensor | 1 |" in result.stdout
     assert (tmp_path / "out" / "training.png").stat().st_size > 1000
     assert "one seed: no interval" in (tmp_path / "out" / "table.md").read_text()
-    runs = json.loads((tmp_path / "out" / "per_seed.json").read_text())["runs"]
+    assert "| toy | - | teacher (full precision) | - | 0 (reference) |" in result.stdout
+    saved = json.loads((tmp_path / "out" / "per_seed.json").read_text())
+    runs = saved["runs"]
     assert sorted(r["schedule"] for r in runs) == ["fractional", "standard"] and all(r["fid"] >= 0 for r in runs)
+    assert {(r["model"], r["selection"]) for r in runs} == {("toy", "transformer_blocks")}
+    assert all(0 < r["quantized_share"] < 1 for r in runs) and saved["teachers"][0]["model"] == "toy"
+    assert saved["timing"]["training_s"] > 0 and saved["timing"]["evaluated_students"] == 2
