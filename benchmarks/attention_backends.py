@@ -15,7 +15,7 @@ import statistics
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from fraqat_cli.attention_backends import BACKENDS
+from fraqat_cli.train.attention_backends import BACKENDS
 
 
 def step(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:

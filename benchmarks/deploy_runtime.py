@@ -38,11 +38,11 @@ def build(name: str, width: int, layers: int):
     """(transformer, family, example inputs) for the toy or a seeded random PixArt of `width` x `layers`."""
     from diffusers import PixArtTransformer2DModel
 
-    from fraqat_cli.families import PixArtFamily, SanaFamily
+    from fraqat_cli.models.families import PixArtFamily, SanaFamily
 
     torch.manual_seed(0)
     if name == "toy":
-        from fraqat_cli.toy import toy_transformer
+        from fraqat_cli.models.toy import toy_transformer
 
         model, family, tokens, channels = toy_transformer(), SanaFamily(), 32, 384
         latents = torch.randn(1, 4, 16, 16)
@@ -67,7 +67,7 @@ def student_of(model):
 
 
 def torch_step(model, family, example):
-    from fraqat_cli.export_example import student_prediction
+    from fraqat_cli.export.example_inputs import student_prediction
 
     with torch.no_grad():
         return student_prediction(model, family, example)
@@ -88,8 +88,8 @@ def session(path: Path):
 def write_graphs(name: str, width: int, layers: int, folder: Path) -> tuple[Path, Path]:
     import onnx
 
-    from fraqat_cli.onnx_export import DenoiserGraph, _squeeze_dim
-    from fraqat_cli.onnx_nbits import export_nbits
+    from fraqat_cli.export.onnx_graph import DenoiserGraph, _squeeze_dim
+    from fraqat_cli.export.onnx_nbits import export_nbits
 
     model, family, example = build(name, width, layers)
     wrapper = DenoiserGraph(model, family, [k for k in example if k not in ("latents", "timestep")]).eval()
@@ -119,7 +119,7 @@ def child(variant: int, name: str, width: int, layers: int, graph: str) -> None:
     import onnxruntime  # noqa: F401
     import psutil
 
-    import fraqat_cli.families  # noqa: F401
+    import fraqat_cli.models.families  # noqa: F401
     import fraqat_cli.quant  # noqa: F401
 
     torch.set_num_threads(1)
@@ -144,7 +144,7 @@ def build_inputs(name: str, width: int) -> dict:
 
 
 def compare_model(name: str, width: int, layers: int, reps: int, folder: Path) -> None:
-    from fraqat_cli.onnx_nbits import weight_bytes
+    from fraqat_cli.export.onnx_nbits import weight_bytes
 
     fp32_graph, nbits_graph = write_graphs(name, width, layers, folder)
     teacher, family, example = build(name, width, layers)
@@ -184,7 +184,7 @@ def layer_sweep(widths: list[int], tokens: int, reps: int, folder: Path) -> None
     against an fp32 MatMul, on the tokens of one 256x256-latent-patch image."""
     from torch import nn
 
-    from fraqat_cli.onnx_nbits import NBitsLayer
+    from fraqat_cli.export.onnx_nbits import NBitsLayer
     from fraqat_cli.quant import QuantConfig, QuantSpec, quantize_model
 
     print(f"\nOne feed-forward layer (width -> 4 x width), {tokens} tokens: MatMulNBits (block 128, int8 compute) "

@@ -32,8 +32,9 @@ BASELINE_IMPORTS = (
     "import torch, numpy, PIL, scipy, safetensors.torch, diffusers, transformers, hydra, omegaconf, lightning;"
     "from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel, AutoencoderKL;"
     "from transformers import T5EncoderModel;"
-    "import fraqat_cli.evaluate, fraqat_cli.evaluation, fraqat_cli.eval_targets, fraqat_cli.metrics,"
-    " fraqat_cli.fid_features, fraqat_cli.export, fraqat_cli.packed, fraqat_cli.student, fraqat_cli.models"
+    "import fraqat_cli.evaluate.command, fraqat_cli.evaluate.evaluator, fraqat_cli.evaluate.targets,"
+    " fraqat_cli.evaluate.metrics, fraqat_cli.evaluate.fid_features, fraqat_cli.export.command,"
+    " fraqat_cli.export.packed, fraqat_cli.train.student, fraqat_cli.models.loading"
 )
 
 
@@ -75,9 +76,9 @@ def write_student_checkpoint(model_dir: Path, path: Path, resolution: int, steps
 
     from hydra import compose, initialize_config_module
 
-    from fraqat_cli.checkpointing import StudentCheckpoint
-    from fraqat_cli.models import load_pipeline
-    from fraqat_cli.student import build_student
+    from fraqat_cli.models.loading import load_pipeline
+    from fraqat_cli.train.checkpointing import StudentCheckpoint
+    from fraqat_cli.train.student import build_student
 
     with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
@@ -117,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from fraqat_cli.checkpointing import StudentCheckpoint
+    from fraqat_cli.train.checkpointing import StudentCheckpoint
 
     args = parse_args(argv)
     if args.write_checkpoint:  # in a child, so that this process stays small

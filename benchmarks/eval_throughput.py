@@ -20,12 +20,12 @@ import torch
 from cleanfid import fid
 from omegaconf import OmegaConf
 
-from fraqat_cli.conditioning import prompt_conditioning
-from fraqat_cli.fid_features import fid_feature_extractor
-from fraqat_cli.metrics import fid_from_features, folder_features
-from fraqat_cli.models import load_model
-from fraqat_cli.prompts import offline_captions
-from fraqat_cli.sampling import generate
+from fraqat_cli.data.captions import offline_captions
+from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.metrics import fid_from_features, folder_features
+from fraqat_cli.models.generation import generate
+from fraqat_cli.models.loading import load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
 
-from fraqat_cli.packed import export_packed
+from fraqat_cli.export.packed import export_packed
 from fraqat_cli.quant import QuantConfig, QuantSpec, layer_kind, quantize_model
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     candidates = models(width, layers)
     if not args.smoke:
-        from fraqat_cli.toy import toy_transformer
+        from fraqat_cli.models.toy import toy_transformer
 
         candidates = {"toy (Sana)": toy_transformer(), **candidates}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from omegaconf import OmegaConf
 
-from fraqat_cli.distill import DistillationModule
-from fraqat_cli.families import SanaFamily
-from fraqat_cli.noise import FlowMatchingNoise
-from fraqat_cli.student import build_student
+from fraqat_cli.models.families import SanaFamily
+from fraqat_cli.models.noise import FlowMatchingNoise
+from fraqat_cli.train.distill import DistillationModule
+from fraqat_cli.train.student import build_student
 
 SIZES = {
     # (transformer kwargs, batch, latent side, caption length)

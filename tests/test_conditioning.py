@@ -17,13 +17,13 @@ from omegaconf import OmegaConf
 from train_support import cli_env
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
-from fraqat_cli.conditioning import conditioning_store, prompt_conditioning
-from fraqat_cli.data import ConditionedLatents, PromptOnlySource
-from fraqat_cli.embeddings import Conditioning
-from fraqat_cli.families import SanaFamily
-from fraqat_cli.models import load_model
-from fraqat_cli.prompts import offline_captions
-from fraqat_cli.sampling import generate
+from fraqat_cli.data.captions import offline_captions
+from fraqat_cli.data.conditioning import conditioning_store, prompt_conditioning
+from fraqat_cli.data.sources import ConditionedLatents, PromptOnlySource
+from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.families import SanaFamily
+from fraqat_cli.models.generation import generate
+from fraqat_cli.models.loading import load_model
 
 MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -129,9 +129,9 @@ CONCURRENT = """
 import sys, time
 from pathlib import Path
 from omegaconf import OmegaConf
-from fraqat_cli.conditioning import conditioning_store
-from fraqat_cli.families import SanaFamily
-from fraqat_cli.prompts import offline_captions
+from fraqat_cli.data.conditioning import conditioning_store
+from fraqat_cli.models.families import SanaFamily
+from fraqat_cli.data.captions import offline_captions
 
 calls = []
 original = SanaFamily.encode_prompts
@@ -197,7 +197,7 @@ def test_dataset_holds_no_rows_and_serves_dataloader_workers(tmp_path):
 
 
 def test_teacher_latents_resume_after_an_interruption_and_match_one_generation(tmp_path, monkeypatch):
-    import fraqat_cli.data as data
+    import fraqat_cli.data.sources as data
 
     model_cfg = tiny(encode_batch_size=2)
     source = PromptOnlySource(num_prompts=5, shard_rows=2)

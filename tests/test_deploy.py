@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fraqat_cli.export_example import example_inputs, relative_difference, student_prediction
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
-from fraqat_cli.onnx_nbits import export_nbits, pack_blocks
-from fraqat_cli.packed import export_packed, load_packed, round_unquantized
+from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
+from fraqat_cli.export.onnx_graph import export_onnx, run_onnxruntime
+from fraqat_cli.export.onnx_nbits import export_nbits, pack_blocks
+from fraqat_cli.export.packed import export_packed, load_packed, round_unquantized
+from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantConfig, QuantConv2d, QuantSpec, quantize_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -130,7 +130,7 @@ def test_the_packed_4bit_runtime_runs_the_student_in_onnxruntime(sana, granulari
 
 
 def test_a_wrong_weight_layout_is_far_outside_the_runtime_tolerance(sana, tmp_path, monkeypatch):
-    import fraqat_cli.onnx_nbits as nbits
+    import fraqat_cli.export.onnx_nbits as nbits
 
     _, family, teacher, example = sana
     model = student(teacher)
@@ -186,7 +186,7 @@ def test_a_file_missing_a_tensor_names_the_file_and_the_tensor(sana, dropped, tm
 
 
 def test_an_onnx_file_without_onnxruntime_says_how_to_install_it(monkeypatch, tmp_path):
-    from fraqat_cli.deployed import OnnxDenoiser
+    from fraqat_cli.export.deployed import OnnxDenoiser
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(ModuleNotFoundError, match="pip install onnxruntime"):
@@ -194,7 +194,7 @@ def test_an_onnx_file_without_onnxruntime_says_how_to_install_it(monkeypatch, tm
 
 
 def test_an_export_resolves_as_an_eval_target_with_its_model_config(sana, tmp_path):
-    from fraqat_cli.eval_targets import resolve_targets
+    from fraqat_cli.evaluate.targets import resolve_targets
 
     model_cfg = sana[0]
     info = {"model": "tiny_sana", "schedule": "fractional", "granularity": "per_channel", "step": 4,
@@ -212,7 +212,7 @@ def test_an_export_resolves_as_an_eval_target_with_its_model_config(sana, tmp_pa
 
 
 def test_the_onnx_denoiser_stands_in_for_the_transformer_at_any_batch(sana, tmp_path):
-    from fraqat_cli.deployed import OnnxDenoiser
+    from fraqat_cli.export.deployed import OnnxDenoiser
 
     _, family, teacher, example = sana
     model = student(teacher)

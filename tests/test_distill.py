@@ -8,10 +8,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import quantizer_preset
 
-from fraqat_cli.distill import DistillationModule
-from fraqat_cli.models import load_pipeline
+from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantLinear, set_weight_bits
-from fraqat_cli.student import build_student
+from fraqat_cli.train.distill import DistillationModule
+from fraqat_cli.train.student import build_student
 
 QUANTIZER = quantizer_preset("per_channel")
 
@@ -147,7 +147,7 @@ def test_static_activation_ranges_are_measured_on_the_calibration_batches(tiny_s
 def test_training_attention_uses_only_the_configured_kernels(tiny_sana):
     """`attention_backends` reaches the forward: a kernel list the CPU cannot serve fails, math alone agrees
     with torch's own choice, and the default leaves cuDNN out (its backward gave NaN on CUDA for FLUX)."""
-    from fraqat_cli.attention_backends import attention_backends
+    from fraqat_cli.train.attention_backends import attention_backends
 
     model_cfg, pipe = tiny_sana
     batch = fixed_batch()
@@ -166,7 +166,7 @@ def test_training_attention_uses_only_the_configured_kernels(tiny_sana):
     ("flash", "must be a list"),
 ])
 def test_unknown_attention_backends_are_named(names, message):
-    from fraqat_cli.attention_backends import attention_backends
+    from fraqat_cli.train.attention_backends import attention_backends
 
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         attention_backends(names)

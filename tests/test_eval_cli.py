@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from train_support import FAST, cli_env, fraqat_train, train_sweep
 
-from fraqat_cli.comparison import comparison_table
-from fraqat_cli.conditioning import prompt_conditioning
-from fraqat_cli.evaluate import CSV_COLUMNS, append_csv, evaluate
-from fraqat_cli.models import load_model
-from fraqat_cli.sampling import generate
+from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.evaluate.command import CSV_COLUMNS, append_csv, evaluate
+from fraqat_cli.evaluate.comparison import comparison_table
+from fraqat_cli.models.generation import generate
+from fraqat_cli.models.loading import load_model
 
 EVAL_FAST = ["prompts.count=6", "logger=csv", "batch_size=6", "clip.model=null"]
 

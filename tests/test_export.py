@@ -13,13 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import quantizer_preset
 
-from fraqat_cli.export_example import example_inputs, relative_difference, student_prediction
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.packed import export_packed, load_packed, read_metadata
+from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
+from fraqat_cli.export.packed import export_packed, load_packed, read_metadata
+from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantSpec, set_weight_bits
 from fraqat_cli.quant.fake_quant import code_range, dequantize_codes, fake_quantize_spec, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
-from fraqat_cli.student import build_student
+from fraqat_cli.train.student import build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
@@ -202,7 +202,7 @@ def onnx_graph_facts(path: Path) -> dict:
     ("tiny_pixart", "per_channel", {"symmetric": False, "activation_symmetric": False}),
 ])
 def test_onnx_qdq_graph_runs_in_onnxruntime_as_the_student(families, tmp_path, name, quantizer, overrides):
-    from fraqat_cli.onnx_export import OPSET, export_onnx, run_onnxruntime
+    from fraqat_cli.export.onnx_graph import OPSET, export_onnx, run_onnxruntime
 
     model_cfg, family, teacher, example = families[name]
     student = quantized_student(teacher, model_cfg, quantizer, **overrides)
@@ -219,7 +219,7 @@ def test_onnx_qdq_graph_runs_in_onnxruntime_as_the_student(families, tmp_path, n
 
 
 def test_onnx_refuses_activations_it_cannot_express(families, tmp_path):
-    from fraqat_cli.onnx_export import export_onnx
+    from fraqat_cli.export.onnx_graph import export_onnx
 
     model_cfg, family, teacher, example = families["tiny_sana"]
     student = quantized_student(teacher, model_cfg, "per_channel", activation_rounding="floor")
@@ -234,7 +234,7 @@ def test_static_activations_past_their_range_saturate_in_the_graph_where_the_stu
     the whole-model check's tolerance cannot see one code, so one layer, exactly."""
     from torch import nn
 
-    from fraqat_cli.onnx_export import OPSET, QDQLayer, run_onnxruntime
+    from fraqat_cli.export.onnx_graph import OPSET, QDQLayer, run_onnxruntime
     from fraqat_cli.quant import QuantLinear
 
     layer = QuantLinear.from_linear(nn.Linear(4, 1, bias=False), weight_spec=QuantSpec("per_tensor"), weight_bits=8,
@@ -257,7 +257,7 @@ def test_int4_codes_in_the_graph_are_the_exported_codes(families, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from fraqat_cli.onnx_export import export_onnx
+    from fraqat_cli.export.onnx_graph import export_onnx
 
     model_cfg, family, teacher, example = families["tiny_sd3"]
     student = quantized_student(teacher, model_cfg, "per_channel")
@@ -271,7 +271,7 @@ def test_int4_codes_in_the_graph_are_the_exported_codes(families, tmp_path):
 
 def test_calibrated_static_activations_travel_in_both_formats(families, tmp_path):
     """The paper's phone setting: fixed activation ranges, stored in the metadata and as constant ONNX scales."""
-    from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+    from fraqat_cli.export.onnx_graph import export_onnx, run_onnxruntime
     from fraqat_cli.quant import calibrate_activations
 
     model_cfg, family, teacher, example = families["tiny_sd3"]
@@ -292,7 +292,7 @@ def test_calibrated_static_activations_travel_in_both_formats(families, tmp_path
 
 
 def test_a_graph_past_the_single_file_limit_keeps_its_tensors_beside_it(families, tmp_path):
-    from fraqat_cli.onnx_export import export_onnx, run_onnxruntime
+    from fraqat_cli.export.onnx_graph import export_onnx, run_onnxruntime
 
     model_cfg, family, teacher, example = families["tiny_flux"]
     student = quantized_student(teacher, model_cfg, "per_channel")
@@ -307,7 +307,7 @@ def test_a_graph_past_the_single_file_limit_keeps_its_tensors_beside_it(families
 def test_a_graph_without_its_activation_quantizers_is_refused(families, tmp_path, monkeypatch):
     """An output comparison cannot see a missing 8-bit activation quantizer (too small an effect); the graph
     check does."""
-    from fraqat_cli.onnx_export import QDQLayer, export_onnx
+    from fraqat_cli.export.onnx_graph import QDQLayer, export_onnx
 
     model_cfg, family, teacher, example = families["tiny_pixart"]
     student = quantized_student(teacher, model_cfg, "per_channel")

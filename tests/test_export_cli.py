@@ -45,7 +45,7 @@ def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir,
     assert "of float32" in result.stdout and "of the teacher in bfloat16" in result.stdout
     assert "relative difference" in result.stdout
 
-    from fraqat_cli.packed import load_packed
+    from fraqat_cli.export.packed import load_packed
 
     loaded = load_packed(tmp_path / "w4.safetensors")
     assert loaded.info["model"] == "tiny_sana" and loaded.info["granularity"] == "per_channel"
@@ -65,7 +65,7 @@ def test_onnx_export_lands_beside_the_run_and_matches_in_onnxruntime(run_dir, ca
 
 def export_in_process(args: list[str], cache_dir: Path) -> dict:
     """`export(cfg)` on conf/export.yaml plus overrides: the refusals without a process start each."""
-    from fraqat_cli.export import export
+    from fraqat_cli.export.command import export
 
     overrides = OmegaConf.from_dotlist([*args, f"cache_dir={cache_dir}"])
     cfg = OmegaConf.merge(OmegaConf.load(CONF / "export.yaml"), overrides)

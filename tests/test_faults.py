@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from train_support import cli_env, console, fraqat_train, train_command
 
 from fraqat_cli.cache import KEY_FIELD, store_problems
-from fraqat_cli.checkpointing import LAST, AtomicCheckpointIO, load_checkpoint
-from fraqat_cli.divergence import TrainingDiverged
+from fraqat_cli.train.checkpointing import LAST, AtomicCheckpointIO, load_checkpoint
+from fraqat_cli.train.divergence import TrainingDiverged
 
 # The toy default as a new user runs it, made short: step checkpoints at 2 and 4, last.ckpt at 4.
 TOY = ["trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
@@ -173,7 +173,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_newest_readable_one(good_r
 
 
 def test_when_no_checkpoint_can_be_read_resuming_is_one_error(good_run, tmp_path, capsys):
-    from fraqat_cli.checkpointing import resume_path
+    from fraqat_cli.train.checkpointing import resume_path
 
     run = copy_run(good_run, tmp_path)
     for path in (run / "checkpoints").iterdir():
@@ -264,7 +264,7 @@ else:  # full: a write past `limit` bytes fails as torch.save fails on a full di
         real = usage(path)
         return real._replace(free=max(limit - used(), 0)) if str(path).startswith(folder) else real
     torch.save, shutil.disk_usage = full_save, disk_usage
-from fraqat_cli.train import main
+from fraqat_cli.train.command import main
 sys.argv[0] = "fraqat-train"
 main()
 """
@@ -350,9 +350,9 @@ def test_a_prompt_file_that_is_not_utf8_is_named_with_its_line(toy_cache, tmp_pa
 
 
 def test_blank_lines_are_counted_and_long_prompts_are_counted_as_truncated(tmp_path, capsys):
-    from fraqat_cli.conditioning import warn_long_prompts
-    from fraqat_cli.prompts import read_prompt_file
-    from fraqat_cli.toy import minilm_tokenizer
+    from fraqat_cli.data.captions import read_prompt_file
+    from fraqat_cli.data.conditioning import warn_long_prompts
+    from fraqat_cli.models.toy import minilm_tokenizer
 
     path = tmp_path / "prompts.txt"
     long = "a large green star in the centre and " * 6 + "on a red background"
@@ -377,7 +377,7 @@ def test_blank_lines_are_counted_and_long_prompts_are_counted_as_truncated(tmp_p
 def test_bad_divergence_settings_are_refused_with_what_is_allowed(setting, message):
     from hydra import compose, initialize_config_module
 
-    from fraqat_cli.train import check_numbers
+    from fraqat_cli.train.command import check_numbers
 
     with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[setting])
@@ -386,7 +386,7 @@ def test_bad_divergence_settings_are_refused_with_what_is_allowed(setting, messa
 
 
 def test_the_loss_watch_stops_at_a_spike_over_its_running_median():
-    from fraqat_cli.divergence import LossWatch
+    from fraqat_cli.train.divergence import LossWatch
 
     watch = LossWatch(factor=10, window=3)
     assert [watch.check(step, loss) for step, loss in enumerate([1.0, 0.5, 2.0, 9.0, 0.1])] == [None] * 5

@@ -11,11 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fraqat_cli.evaluation import Evaluator
-from fraqat_cli.fid_features import fid_feature_extractor
-from fraqat_cli.ground_truth import attribute_scores, scene_image_files
-from fraqat_cli.prompt_sets import shapes_val_prompts
-from fraqat_cli.shapes import render, sample_scenes, split_of
+from fraqat_cli.data.prompt_sets import shapes_val_prompts
+from fraqat_cli.data.shapes import render, sample_scenes, split_of
+from fraqat_cli.evaluate.evaluator import Evaluator
+from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 
 SHAPES_VAL = Path(__file__).resolve().parents[1] / "conf" / "prompts" / "shapes_val.yaml"
 CPU = torch.device("cpu")

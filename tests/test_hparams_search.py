@@ -52,7 +52,7 @@ def test_every_point_of_the_search_space_is_a_valid_schedule():
 
 
 def test_main_returns_the_validation_loss_it_writes(tmp_path, monkeypatch, cache_dir):
-    from fraqat_cli.train import main
+    from fraqat_cli.train.command import main
 
     with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*TINY, "resume=null"])

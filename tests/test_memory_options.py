@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, console, fraqat_train, quantizer_preset
 
-from fraqat_cli.checkpointing import LAST, StudentCheckpoint, load_checkpoint
-from fraqat_cli.distill import freeze_all_but
-from fraqat_cli.lora import add_lora, merge_lora
 from fraqat_cli.quant import QuantLinear, fake_quantize, set_weight_bits
-from fraqat_cli.student import build_student, rebuild_student
+from fraqat_cli.train.checkpointing import LAST, StudentCheckpoint, load_checkpoint
+from fraqat_cli.train.distill import freeze_all_but
+from fraqat_cli.train.lora import add_lora, merge_lora
+from fraqat_cli.train.student import build_student, rebuild_student
 
 QUANTIZER = quantizer_preset("per_channel")
 LORA_PATTERNS = list(OmegaConf.load("conf/trainable/lora.yaml").patterns)
@@ -74,7 +74,7 @@ def small_model() -> torch.nn.Module:
 
 
 def test_adamw8bit_keeps_its_moments_in_about_a_quarter_of_adamws_bytes():
-    from fraqat_cli.optimizers import adamw, adamw8bit
+    from fraqat_cli.train.optimizers import adamw, adamw8bit
 
     full, eight = small_model(), small_model()
     optimizers = adamw(full.parameters(), lr=1e-3), adamw8bit(eight.parameters(), lr=1e-3)
@@ -91,8 +91,8 @@ def test_adamw8bit_resumes_from_a_weights_only_checkpoint_exactly(tmp_path):
     """2 steps, a checkpoint written and read as fraqat's are (weights_only), 2 more steps: the weights equal
     4 uninterrupted steps bit for bit. (A fresh interpreter, torchao not yet imported, reads such a file in the
     slow test below: fraqat-export maps the whole last.ckpt.)"""
-    from fraqat_cli.checkpointing import AtomicCheckpointIO
-    from fraqat_cli.optimizers import adamw8bit
+    from fraqat_cli.train.checkpointing import AtomicCheckpointIO
+    from fraqat_cli.train.optimizers import adamw8bit
 
     straight = small_model()
     fit_steps(straight, adamw8bit(straight.parameters(), lr=1e-3), 4)
@@ -219,7 +219,7 @@ def test_bad_lora_settings_name_the_value_and_what_is_allowed(tiny_sana_transfor
 def test_lora_with_8bit_adamw_trains_resumes_evaluates_and_exports_the_toy(tmp_path, cache_dir):
     """The one-GPU setting for large models, on the toy: 2 steps, resumed to 4, exported and evaluated. The
     exported codes are the fake-quantized merged weights W + alpha/rank B A, computed here from the checkpoint."""
-    from fraqat_cli.packed import load_packed
+    from fraqat_cli.export.packed import load_packed
 
     run = tmp_path / "run"
     fast = [a for a in FAST[1:] if not a.startswith("trainer.max_steps=")]
@@ -259,7 +259,7 @@ def test_lora_with_8bit_adamw_trains_resumes_evaluates_and_exports_the_toy(tmp_p
 
 
 def test_8bit_moments_under_fsdp_are_refused_before_a_model_is_built():
-    from fraqat_cli.train import check_numbers
+    from fraqat_cli.train.command import check_numbers
 
     check_numbers(compose_train("trainer=ddp", "optim=adamw8bit"))
     check_numbers(compose_train("trainer=fsdp", "optim=adamw"))
@@ -272,7 +272,7 @@ def test_8bit_moments_under_fsdp_are_refused_before_a_model_is_built():
     ("trainable.lora.alpha=0", "trainable.lora.alpha must be a positive number; got 0"),
 ], ids=["rank", "alpha"])
 def test_bad_lora_numbers_are_refused_before_a_model_is_built(override, message):
-    from fraqat_cli.train import check_numbers
+    from fraqat_cli.train.command import check_numbers
 
     with pytest.raises(ValueError, match=message):
         check_numbers(compose_train("trainable=lora", override))

@@ -8,8 +8,8 @@ import torch
 from cleanfid import fid
 from PIL import Image
 
-from fraqat_cli.fid_features import fid_feature_extractor
-from fraqat_cli.metrics import (
+from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.metrics import (
     feature_stats,
     fid_from_features,
     folder_features,
@@ -102,7 +102,7 @@ def test_too_few_images_get_a_warning_naming_the_advised_count():
 def tiny_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from fraqat_cli.tiny_parts import clip_tokenizer
+    from fraqat_cli.models.tiny_parts import clip_tokenizer
 
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -122,7 +122,7 @@ def tiny_clip(tmp_path):
 
 
 def test_clip_score_runs_through_torchmetrics_with_a_local_clip(tmp_path, folders):
-    from fraqat_cli.clip_score import clip_score, load_clip
+    from fraqat_cli.evaluate.clip_score import clip_score, load_clip
 
     model, processor = load_clip(str(tiny_clip(tmp_path)))
     images = [Image.open(p) for p in sorted((folders / "a").glob("*.png"))[:4]]
@@ -133,14 +133,14 @@ def test_clip_score_runs_through_torchmetrics_with_a_local_clip(tmp_path, folder
 
 
 def test_clip_without_weights_is_reported_not_raised():
-    from fraqat_cli.clip_score import load_clip
+    from fraqat_cli.evaluate.clip_score import load_clip
 
     model, reason = load_clip("/nonexistent/clip-folder")
     assert model is None and "CLIP score skipped" in reason
 
 
 def test_clip_fid_uses_clean_fids_folder_path_with_a_local_clip(tmp_path, folders):
-    from fraqat_cli.clip_score import CLIPImageFeatures, load_clip
+    from fraqat_cli.evaluate.clip_score import CLIPImageFeatures, load_clip
 
     model, processor = load_clip(str(tiny_clip(tmp_path)))
     extractor = CLIPImageFeatures(model, processor)

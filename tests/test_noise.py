@@ -8,7 +8,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fraqat_cli.noise import DDPMNoise, FlowMatchingNoise
+from fraqat_cli.models.noise import DDPMNoise, FlowMatchingNoise
 
 # The real pipelines' scheduler_config.json values (hub ids as in conf/model/*.yaml).
 REAL_SAMPLERS = {

@@ -18,7 +18,8 @@ def test_installed_wheel_finds_its_configs_outside_the_repository(tmp_path):
                     str(wheel)], check=True, capture_output=True)
     probe = (
         "import sys, fraqat_cli; assert fraqat_cli.__file__.startswith(sys.argv[1]), fraqat_cli.__file__;"
-        "from fraqat_cli.train import main; sys.argv = ['fraqat-train', '--cfg', 'job', 'schedule=integer']; main()"
+        "from fraqat_cli.train.command import main;"
+        "sys.argv = ['fraqat-train', '--cfg', 'job', 'schedule=integer']; main()"
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")], cwd=tmp_path, env=env,

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fraqat_cli.quant import PASS_THROUGH_BITS, fake_quantize
-from fraqat_cli.schedules import SmoothSchedule, Stage, StagedSchedule, bits_trace
+from fraqat_cli.quant.schedules import SmoothSchedule, Stage, StagedSchedule, bits_trace
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

@@ -10,10 +10,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.prompts import offline_captions
-from fraqat_cli.shapes import PALETTE, dominant_colour, nearest_colour, render, sample_scenes, shapes_dataset, split_of
-from fraqat_cli.toy import asset_dir, minilm_dir
+from fraqat_cli.data.captions import offline_captions
+from fraqat_cli.data.shapes import (
+    PALETTE,
+    dominant_colour,
+    nearest_colour,
+    render,
+    sample_scenes,
+    shapes_dataset,
+    split_of,
+)
+from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.models.toy import asset_dir, minilm_dir
 
 TOY = Path(__file__).resolve().parents[1] / "conf" / "model" / "toy.yaml"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_support import FAST, fraqat_train
 
-from fraqat_cli.checkpointing import load_checkpoint
+from fraqat_cli.train.checkpointing import load_checkpoint
 
 TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                      "trainer.gradient_clip_val=null", "data.batch_size=2", "sample_every_n_steps=1"]
@@ -61,7 +61,7 @@ def test_flux_shards_its_double_and_single_stream_blocks(tmp_path, cache_dir):
 
 
 def test_a_model_without_block_classes_cannot_be_sharded():
-    from fraqat_cli.sharding import BlockShardedFSDP
+    from fraqat_cli.train.sharding import BlockShardedFSDP
 
     with pytest.raises(ValueError, match="model.block_classes"):
         BlockShardedFSDP(block_classes=[])

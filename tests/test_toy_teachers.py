@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, fraqat_train
 
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.shapes import dominant_colour, sample_scenes
-from fraqat_cli.toy import asset_dir, minilm_tokenizer
+from fraqat_cli.data.shapes import dominant_colour, sample_scenes
+from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.models.toy import asset_dir, minilm_tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 TWINS = {"toy_pixart": "tiny_pixart", "toy_flux": "tiny_flux"}  # each toy teacher and the tiny twin of its family

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, bits_by_step, cli_env, console, fraqat_train, train_command, train_sweep
 
-from fraqat_cli.checkpointing import StudentCheckpoint, load_checkpoint
+from fraqat_cli.train.checkpointing import StudentCheckpoint, load_checkpoint
 
 FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
 

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from fraqat_cli.models import ModelLoadError
-from fraqat_cli.train import train
+from fraqat_cli.models.loading import ModelLoadError
+from fraqat_cli.train.command import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -54,7 +54,7 @@ def test_paper_recipes_carry_the_paper_rates_batches_budget_and_layers(recipe):
 
 @pytest.mark.parametrize(("devices", "per_device"), [(1, 16), (2, 16), (8, 16), (16, 8)])
 def test_recipes_reach_the_global_batch_on_any_device_count(devices, per_device):
-    from fraqat_cli.run_length import run_length
+    from fraqat_cli.train.run_length import run_length
 
     cfg = compose_train("experiment=sana_w4a8", f"data.batch_size={per_device}")
     length = run_length(cfg, devices, samples=10_000)
@@ -64,7 +64,7 @@ def test_recipes_reach_the_global_batch_on_any_device_count(devices, per_device)
 
 
 def test_a_global_batch_the_devices_cannot_reach_is_refused():
-    from fraqat_cli.run_length import run_length
+    from fraqat_cli.train.run_length import run_length
 
     with pytest.raises(ValueError, match=r"global_batch_size=128 is not a multiple of devices x data.batch_size = "
                                          r"3 x 16 = 48"):
@@ -72,7 +72,7 @@ def test_a_global_batch_the_devices_cannot_reach_is_refused():
 
 
 def test_without_epochs_the_configured_steps_and_accumulation_stand():
-    from fraqat_cli.run_length import run_length
+    from fraqat_cli.train.run_length import run_length
 
     length = run_length(compose_train("trainer.max_steps=7", "trainer.accumulate_grad_batches=3"), 2, samples=64)
     assert (length.steps, length.accumulation, length.global_batch) == (7, 3, 2 * 3 * 8)

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from train_support import FAST, fraqat_train, quantizer_preset
 
-from fraqat_cli.distill import DistillationModule
-from fraqat_cli.models import load_pipeline
-from fraqat_cli.student import build_student
-from fraqat_cli.validation import HeldOutLoss, held_out_rows, split_rows
+from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.train.distill import DistillationModule
+from fraqat_cli.train.student import build_student
+from fraqat_cli.train.validation import HeldOutLoss, held_out_rows, split_rows
 
 
 class Rows(Dataset):

@@ -1,0 +1,1 @@
+"""fraqat-eval: targets, the evaluator, FID/KID/CLIP metrics and the comparison table."""

@@ -1,0 +1,134 @@
+"""`fraqat-eval`: FID/KID and CLIP score of quantized students (and teachers), as a table and files.
+
+With a prompt set that carries its ground-truth scenes (`prompts=shapes_val`) it also reports `fid_val`
+(FID against the rendered scenes) and attribute accuracy.
+
+`evaluate(cfg)` does the work and returns one result dict per evaluated model;
+`main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from fraqat_cli.checks import positive_int
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.files import atomic_write
+
+CSV_COLUMNS = (
+    "label",
+    "model",
+    "schedule",
+    "granularity",
+    "weight_bits",
+    "fid",
+    "kid",
+    "clip_score",
+    "clip_fid",
+    "fid_val",
+    "attribute_accuracy",
+    "reference",
+    "num_images",
+    "seed",
+    "checkpoint",
+    "images_dir",
+)
+
+# logged and printed, when present
+SUMMARY_METRICS = ("fid", "kid", "clip_score", "clip_fid", "fid_val", "attribute_accuracy")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.reference not in ("teacher", "coco"):
+        raise ValueError(f"reference={cfg.reference!r} is not known; allowed: teacher, coco")
+    if cfg.reference == "coco" and not (cfg.reference_stats or cfg.reference_dir):
+        raise ValueError(
+            "reference=coco needs reference_stats=FILE.npz (scripts/coco_reference.py) or reference_dir=DIR"
+        )
+    if cfg.reference_dir and not Path(str(cfg.reference_dir)).expanduser().is_dir():
+        raise FileNotFoundError(f"reference_dir={cfg.reference_dir!r} is not a folder of reference images")
+    for name in ("batch_size", "grid_size"):
+        positive_int(name, cfg[name])
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    import torch
+
+    from fraqat_cli.evaluate.clip_score import load_clip
+    from fraqat_cli.evaluate.comparison import comparison_table, write_comparison
+    from fraqat_cli.evaluate.evaluator import Evaluator
+    from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+    from fraqat_cli.evaluate.targets import resolve_targets
+
+    # 1. Everything named must exist and agree before any generation starts.
+    check_settings(cfg)
+    targets = resolve_targets(cfg.ckpt, cfg.get("model"))
+    prompt_set = instantiate_or_raise(cfg.prompts)
+    prompts, scenes = list(prompt_set), getattr(prompt_set, "scenes", None)  # scenes: the prompts' ground truth
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
+    model, processor_or_reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
+    clip = None
+    if model is None:
+        print(f"fraqat-eval: {processor_or_reason}", file=sys.stderr)
+    else:
+        clip = (model.to(device), processor_or_reason)  # (model, processor)
+    evaluator = Evaluator(cfg, prompts, device, extractor, extractor_name, clip, scenes)
+
+    # 2. Each target: images, metrics, files.
+    results = [evaluator.evaluate(target) for target in targets]
+    append_csv(Path(cfg.results_csv), results)
+    print("\n" + comparison_table(results))
+    for warning in evaluator.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sweeps = {t.sweep_dir for t in targets if t.sweep_dir}
+    for sweep in sweeps:
+        table, chart = write_comparison([r for r, t in zip(results, targets) if t.sweep_dir == sweep], sweep)
+        print(f"comparison: {table} and {chart}")
+    log_results(cfg, results)
+    return results
+
+
+def append_csv(path: Path, results: list[dict]) -> None:
+    """Add one row per result to the cross-run CSV (rewritten whole, atomically, under today's columns:
+    rows from before a column was added keep it empty)."""
+    old_rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(old_rows + results)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def log_results(cfg: DictConfig, results: list[dict]) -> None:
+    """Metrics and grids to the configured logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
+    if not cfg.logger:
+        return
+
+    from hydra.utils import instantiate
+    from PIL import Image
+
+    logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
+    for step, r in enumerate(results):
+        logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=f"eval/{r['label']}/grid", images=[Image.open(r["grid"])], step=step)
+    logger.finalize("success")
+
+
+@hydra.main(config_path="pkg://fraqat_cli.conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    quiet_console()
+    results = run_reporting_errors("fraqat-eval", lambda: evaluate(cfg))
+    print(json.dumps([{k: r[k] for k in ("label", *SUMMARY_METRICS) if k in r} for r in results]))

@@ -1,0 +1,251 @@
+"""Evaluate one model: generate images for a seeded prompt set, then FID/KID and CLIP score.
+
+Images are written one file per prompt, atomically, so an interrupted eval
+resumes where it stopped. The teacher's images for a prompt set and sampler
+are generated once and cached; they are the paper's FID reference. A prompt
+set with ground-truth scenes adds FID against the rendered scenes (`fid_val`)
+and attribute accuracy (`fraqat_cli.evaluate.ground_truth`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fraqat_cli.cache import cache_key
+from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
+from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
+from fraqat_cli.evaluate.targets import EvalTarget
+from fraqat_cli.files import atomic_write
+from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.generation import generate, image_grid
+from fraqat_cli.models.loading import LoadedModel, load_model, model_identity
+from fraqat_cli.train.checkpointing import StudentCheckpoint
+from fraqat_cli.train.student import model_skeleton, rebuild_student
+
+IMAGE_NAME = "{:05d}.png"
+
+
+def image_files(folder: Path, count: int) -> list[Path]:
+    return [folder / IMAGE_NAME.format(i) for i in range(count)]
+
+
+def ensure_images(model: LoadedModel, conditioning: Conditioning, seeds: list[int], folder: Path, batch_size: int,
+                  what: str) -> list[Path]:
+    """Generate the images of `folder` that are not there yet; return every image path in prompt order.
+
+    Batches always cover the same prompts ([k * batch_size, (k + 1) * batch_size)), so a resumed run
+    computes a missing image exactly as the interrupted one would have (bit-identical on CPU).
+    """
+    files = image_files(folder, len(seeds))
+    chunks = [range(s, min(s + batch_size, len(seeds))) for s in range(0, len(seeds), batch_size)]
+    todo = [chunk for chunk in chunks if not all(files[i].is_file() for i in chunk)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for chunk in tqdm(todo, desc=f"generating {what}", disable=not todo):
+        rows = list(chunk)
+        images = generate(model, conditioning.rows(rows), [seeds[i] for i in rows], batch_size=batch_size)
+        for i, image in zip(rows, images):
+            if not files[i].is_file():
+                atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
+    return files
+
+
+def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.device | str | None = None
+                 ) -> torch.nn.Module:
+    """The student of `target.checkpoint`, in `teacher`'s inference dtype, on `device` (default: the
+    teacher's), its quantized weights those it trained with (`rebuild_student(bake=True)`); or the deployed
+    model in `target.artifact` (`fraqat_cli.export.deployed`). `teacher` may be a skeleton (`model_skeleton`): only
+    its structure and dtype are used."""
+    first = next(teacher.parameters())
+    device = device or (first.device if not first.is_meta else "cpu")
+    if target.artifact is not None:
+        from fraqat_cli.export.deployed import load_deployed
+
+        return load_deployed(target.artifact, teacher, first.dtype, device)
+    return rebuild_student(StudentCheckpoint.read(target.checkpoint), teacher, dtype=first.dtype, device=device,
+                           bake=True)
+
+
+class Evaluator:
+    """Holds what every target of one `fraqat-eval` run shares: prompts, feature extractor, CLIP, settings.
+
+    `scenes`, when the prompt set has them, are the ground truth of the prompts (scene i for prompt i).
+    """
+
+    def __init__(
+        self, cfg: DictConfig, prompts: list[str], device: torch.device, extractor, extractor_name: str, clip=None,
+        scenes: list | None = None,
+    ) -> None:
+        if scenes is not None and len(scenes) != len(prompts):
+            raise ValueError(f"{len(scenes)} ground-truth scenes for {len(prompts)} prompts; give one per prompt")
+        self.cfg, self.device = cfg, device
+        self.extractor, self.extractor_name, self.clip = extractor, extractor_name, clip
+        self.prompts, self.scenes = prompts, scenes
+        self.seeds = [cfg.seed + i for i in range(len(self.prompts))]
+        self.warnings: list[str] = []
+        self.clip_features = None  # CLIP-FID's extractor: the CLIP weights of clip.model, when given
+        if clip is not None:
+            from fraqat_cli.evaluate.clip_score import CLIPImageFeatures
+
+            self.clip_features = CLIPImageFeatures(*clip).to(device)
+
+    def features(self, folder: Path, files: list[Path], clip: bool = False) -> np.ndarray:  # noqa: F821
+        """Inception (or, `clip`, CLIP image) features of a folder's images, cached beside them per extractor."""
+        import numpy as np
+
+        name = f"clip {self.cfg.clip.model}" if clip else self.extractor_name
+        extractor = self.clip_features if clip else self.extractor
+        cache = folder / f"features-{cache_key({'x': name, 'n': len(files)})}.npy"
+        if cache.is_file():
+            return np.load(cache)
+        features = files_features(files, extractor, self.device, self.cfg.fid.batch_size, verbose=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, features)
+
+        atomic_write(cache, write)
+        return features
+
+    def evaluate(self, target: EvalTarget) -> dict:
+        cfg, model_cfg = self.cfg, target.config.model
+        started = time.time()
+        conditioning = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
+        model = load_model(model_cfg)
+        pipe = model.pipe.to(self.device)
+        draw = lambda folder, what: ensure_images(  # noqa: E731
+            model, conditioning, self.seeds, folder, cfg.batch_size, what)
+
+        # 1. The teacher's images: the paper's reference, generated once per model, prompts and sampler.
+        teacher_dir = Path(cfg.cache_dir).expanduser() / "teacher-images" / self.image_key(model_cfg)
+        teacher_files = draw(teacher_dir, "teacher images")
+        # 2. The evaluated model's images (the teacher's own, for a teacher target).
+        if target.is_teacher:
+            out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
+        else:
+            home = target.artifact.parent if target.artifact else StudentCheckpoint.run_folder(target.checkpoint)
+            out_dir = home / "eval" / self.image_key(model_cfg, target)
+            skeleton = model_skeleton(pipe.transformer)
+            pipe.transformer = None  # the teacher's weights go before the student's arrive
+            pipe.transformer = load_student(target, skeleton, self.device)
+            files = draw(out_dir / "images", f"{target.label} images")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images = [Image.open(f).convert("RGB") for f in files]
+        grid = image_grid(images[: cfg.grid_size])
+        atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+        # 3. Metrics, and what they were measured on.
+        results = {**self.metrics(files, teacher_dir, teacher_files, images),
+                   **self.description(target, files, out_dir), "seconds": round(time.time() - started, 1)}
+        atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        return results
+
+    def image_key(self, model_cfg: DictConfig, target: EvalTarget | None = None) -> str:
+        """What a folder of images depends on: model, sampler, seeds, prompts (and the student's checkpoint)."""
+        parts = {"model": model_identity(model_cfg), "sampler": OmegaConf.to_container(model_cfg.sampler),
+                 "seeds": self.seeds, "prompts": self.prompts}
+        if target is not None:
+            parts = {"ckpt": str(target.source.resolve()), "step": target.step, **parts}
+            if target.artifact is not None:  # a re-export in place is another model: its images are redone
+                stat = target.artifact.stat()
+                parts["artifact"] = [stat.st_size, stat.st_mtime_ns]
+        return cache_key(parts)
+
+    def description(self, target: EvalTarget, files: list[Path], out_dir: Path) -> dict:
+        return {
+            "label": target.label,
+            "model": target.config.model.name,
+            "schedule": None if target.is_teacher else target.config.schedule.name,
+            "granularity": None if target.is_teacher else target.config.quantizer.granularity,
+            "weight_bits": target.weight_bits,
+            "checkpoint": str(target.source) if target.source else None,
+            "num_images": len(files),
+            "seed": self.cfg.seed,
+            "prompt_set": OmegaConf.to_container(self.cfg.prompts),
+            "images_dir": str(files[0].parent),
+            "grid": str(out_dir / "grid.png"),
+            "versions": package_versions(),
+        }
+
+    def metrics(self, files, teacher_dir, teacher_files, images) -> dict:
+        from fraqat_cli.evaluate.metrics import load_reference_stats
+
+        cfg, results = self.cfg, {}
+        features = self.features(files[0].parent, files)
+        if cfg.reference == "teacher" and files == teacher_files:
+            count = len(files)
+            results["fid"] = results["kid"] = 0.0  # the teacher against its own images: zero by construction
+        elif cfg.reference == "teacher":
+            reference, count = self.features(teacher_dir, teacher_files), len(teacher_files)
+            results["fid"] = fid_from_features(features, reference)
+            results["kid"] = kid_from_features(features, reference)
+        elif cfg.reference_stats:
+            stats = load_reference_stats(cfg.reference_stats)
+            count = len(stats["features"])
+            results["fid"] = fid_from_features(features, (stats["mu"], stats["sigma"]))
+            results["kid"] = kid_from_features(features, stats["features"])
+        else:
+            reference_dir, reference_files = self.reference_images()
+            reference, count = self.features(reference_dir, reference_files), len(reference_files)
+            results["fid"] = fid_from_features(features, reference)
+            results["kid"] = kid_from_features(features, reference)
+        results["reference"] = cfg.reference
+        results["fid_feature_extractor"] = self.extractor_name
+        for warning in filter(
+            None, [stability_warning(len(files), "generated set"), stability_warning(count, "reference set")]
+        ):
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        if self.clip is not None:
+            from fraqat_cli.evaluate.clip_score import clip_score
+
+            results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
+            results.update(self.clip_fid(files, teacher_dir, teacher_files))
+        if self.scenes is not None:
+            results.update(self.ground_truth_metrics(features, images))
+        return results
+
+    def reference_images(self) -> tuple[Path, list[Path]]:
+        """`reference_dir` and its images (png, jpg), in name order."""
+        folder = Path(str(self.cfg.reference_dir)).expanduser()
+        return folder, sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+    def clip_fid(self, files: list[Path], teacher_dir: Path, teacher_files: list[Path]) -> dict:
+        """FID in CLIP's image space against the same reference images as `fid` (the paper reports both);
+        stored reference statistics hold Inception features only, so they give no CLIP-FID."""
+        if self.cfg.reference == "teacher" and files == teacher_files:
+            return {"clip_fid": 0.0}  # the teacher against its own images: zero by construction
+        if self.cfg.reference == "teacher":
+            reference_dir, reference_files = teacher_dir, teacher_files
+        elif self.cfg.reference_dir:
+            reference_dir, reference_files = self.reference_images()
+        else:
+            return {}
+        features = self.features(files[0].parent, files, clip=True)
+        return {"clip_fid": fid_from_features(features, self.features(reference_dir, reference_files, clip=True))}
+
+    def ground_truth_metrics(self, features: np.ndarray, images: list[Image.Image]) -> dict:
+        """`fid_val`: FID against the rendered scenes (same Inception and clean-fid path as `fid`), and
+        attribute accuracy; `features` are the evaluated images' Inception features."""
+        files = scene_image_files(self.scenes, self.cfg.cache_dir)
+        reference = self.features(files[0].parent, files)
+        return {"fid_val": fid_from_features(features, reference), **attribute_scores(images, self.scenes)}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("fraqat-cli", "torch", "diffusers", "transformers", "clean-fid", "torchmetrics"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,1 @@
+"""fraqat-export: deployable layers, packed safetensors and ONNX files, and loading them back."""

@@ -1,0 +1,239 @@
+"""`fraqat-export`: turn a trained student checkpoint into deployable files: safetensors codes, an ONNX QDQ
+graph, or an ONNX graph whose 4-bit layers onnxruntime runs packed (MatMulNBits).
+
+`export(cfg)` does the work and returns its report; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fraqat_cli.cli import quiet_console, run_reporting_errors
+
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "onnx_nbits": ".onnx"}  # format -> file suffix
+DEFAULT_NAMES = {"safetensors": "student", "onnx": "student", "onnx_nbits": "student.nbits"}
+SIXTEEN_BITS = ("bfloat16", "float16")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    from fraqat_cli.export.packed import PLAIN_DTYPES
+
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not offered; allowed: {', '.join(FORMATS)}")
+    if cfg.dtype != "auto" and cfg.dtype not in PLAIN_DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r} is not offered for unquantized tensors; allowed: auto, "
+                         f"{', '.join(PLAIN_DTYPES)}")
+    if cfg.format == "onnx_nbits":
+        from fraqat_cli.export.onnx_nbits import check_runtime
+
+        check_runtime(cfg.runtime.block_size, cfg.runtime.accuracy_level)
+    if isinstance(cfg.example.batch_size, bool) or not isinstance(cfg.example.batch_size, int) \
+            or cfg.example.batch_size < 1:
+        raise ValueError(f"example.batch_size must be a positive integer; got {cfg.example.batch_size!r}")
+    tolerance = cfg.tolerance.get(cfg.format)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance.{cfg.format} must be a positive number; got {tolerance!r}")
+
+
+def checkpoint_file(ckpt) -> Path:
+    """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
+    from fraqat_cli.train.checkpointing import StudentCheckpoint
+
+    files, sweep = StudentCheckpoint.locate(ckpt)
+    if sweep is not None:
+        raise ValueError(f"ckpt={str(ckpt)!r} is a sweep folder of {len(files)} runs; export one run at a time, "
+                         f"e.g. ckpt={files[0].parent.parent}")
+    return files[0]
+
+
+def default_out(checkpoint: Path, fmt: str) -> Path:
+    """<run>/export/student.<suffix> for last.ckpt; student-step-NNNNNN.<suffix> for a step checkpoint."""
+    from fraqat_cli.train.checkpointing import LAST, StudentCheckpoint
+
+    name = DEFAULT_NAMES[fmt] if checkpoint.name == LAST else f"{DEFAULT_NAMES[fmt]}-{checkpoint.stem}"
+    return StudentCheckpoint.run_folder(checkpoint) / "export" / f"{name}{FORMATS[fmt]}"
+
+
+def deployed_dtype(requested: str, fmt: str, model_dtype: str) -> str:
+    """The dtype of the file's unquantized tensors. `auto`: the teacher's own when it is 16-bit (bf16 for the
+    real models, as they ship); float16 for a model computed in float32 (the toy, whose weights ship as
+    float16, and the tiny twins). ONNX graphs keep float32 (their float ops take float32 initializers)."""
+    if fmt != "safetensors":
+        return "float32"
+    if requested != "auto":
+        return requested
+    return model_dtype if model_dtype in SIXTEEN_BITS else "float16"
+
+
+def report_path(out: Path) -> Path:
+    """student.safetensors -> student.safetensors.json: the two formats' reports sit side by side."""
+    return out.with_name(out.name + ".json")
+
+
+def export(cfg: DictConfig) -> dict:
+    """Check, write and report, holding one model at a time: the student (its float32 weights mapped from
+    the checkpoint, not copied) while writing, then only the written file while checking it."""
+    from fraqat_cli.export.example_inputs import example_inputs
+    from fraqat_cli.files import atomic_write
+    from fraqat_cli.models.loading import family_of, load_model
+    from fraqat_cli.train.checkpointing import StudentCheckpoint
+    from fraqat_cli.train.student import model_skeleton
+
+    # 1. Everything named must exist and make sense before a model is built.
+    check_settings(cfg)
+    checkpoint = checkpoint_file(cfg.ckpt)
+    stored = StudentCheckpoint.read(checkpoint)
+    out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
+    if out.suffix != FORMATS[cfg.format]:
+        raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
+    model_cfg = stored.config.model
+    family = family_of(model_cfg)
+    dtype = deployed_dtype(cfg.dtype, cfg.format, model_cfg.dtype)
+    info = {"model": model_cfg.name, "schedule": stored.config.schedule.name,
+            "granularity": stored.config.quantizer.granularity, "checkpoint": str(checkpoint), "step": stored.step,
+            "weight_bits": stored.weight_bits, "teacher_dtype": model_cfg.dtype, "plain_dtype": dtype,
+            "model_config": OmegaConf.to_container(model_cfg, resolve=True)}  # fraqat-eval rebuilds the pipeline
+
+    # 2. Example inputs to trace and check with, and the transformer's structure (the teacher's weights go).
+    pipe = load_model(model_cfg).pipe
+    example = example_inputs(model_cfg, pipe, cfg.example, cfg.cache_dir)
+    skeleton = model_skeleton(pipe.transformer)
+    del pipe
+
+    # 3. The student as trained (float32 master weights mapped from the checkpoint), refused if it cannot
+    #    deploy, and its output on the example: what the written file must reproduce.
+    source = f"checkpoint {str(checkpoint)!r}"
+    student, layers, expected, rounding = trained_student(stored, skeleton, family, example, source, dtype)
+
+    # 4. Write into a staging folder beside the target, check, and only then move into place.
+    with staging(out) as staged:
+        report = write_format(cfg, student, family, example, staged, info, source, dtype)
+        del student, stored  # the checkpoint's mapping closes: the check holds only the file it reloads
+        gc.collect()
+        report.update({k: v for k, v in info.items() if k != "model_config"}, format=cfg.format, file=str(out),
+                      layers=layers)
+        if cfg.check:
+            report["check"] = {**check_export(cfg, expected, family, example, staged),
+                               "unquantized_rounding": rounding}
+    atomic_write(report_path(out), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
+    print_report(report)
+    return report
+
+
+def trained_student(stored, skeleton, family, example: dict, source: str, dtype: str = "float32"):
+    """(student as deployed, its deployable layers' records, its output on `example`, how far rounding its
+    unquantized tensors to `dtype` moved that output from the float32 student's); ValueError when it cannot
+    deploy. The deployed student is the file's model: what the check must reproduce exactly."""
+    import torch
+
+    from fraqat_cli.export.deployable import deployable_layers, layer_record
+    from fraqat_cli.export.example_inputs import relative_difference, student_prediction
+    from fraqat_cli.export.packed import round_unquantized
+    from fraqat_cli.train.student import rebuild_student
+
+    student = rebuild_student(stored, skeleton)  # a LoRA-QAT student's updates come merged (lora.merge_lora_state)
+    layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
+    with torch.no_grad():
+        float32_output = student_prediction(student, family, example)
+        round_unquantized(student, dtype)
+        expected = student_prediction(student, family, example) if dtype != "float32" else float32_output
+    return student, layers, expected, relative_difference(expected, float32_output)
+
+
+@contextmanager
+def staging(out: Path):
+    """Yield a path inside a fresh folder beside `out`; on success move what was written there into place
+    (side files first, `out` last), on failure remove it all: no half-written export is ever visible."""
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage / out.name
+        for file in sorted(stage.iterdir(), key=lambda f: f.name == out.name):
+            os.replace(file, out.parent / file.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_format(cfg: DictConfig, student, family, example: dict, path: Path, info: dict, source: str,
+                 dtype: str) -> dict:
+    """Write `student` to `path` in `cfg.format`; returns the report's format-specific part (size, inputs)."""
+    from fraqat_cli.export.packed import export_packed, size_report
+
+    if cfg.format == "safetensors":
+        export_packed(student, path, info, source, dtype)
+        report = {}
+    elif cfg.format == "onnx":
+        from fraqat_cli.export.onnx_graph import export_onnx
+
+        report = {"inputs": export_onnx(student, family, example, path, info, source)["inputs"]}
+    else:
+        from fraqat_cli.export.onnx_nbits import export_nbits
+
+        written = export_nbits(student, family, example, path, info, source, cfg.runtime.block_size,
+                               cfg.runtime.accuracy_level)
+        report = {"inputs": written["inputs"], "runtime": OmegaConf.to_container(cfg.runtime)}
+    files = sorted(path.parent.iterdir())
+    report["files"] = [f.name for f in files]
+    report["size"] = size_report(student, sum(f.stat().st_size for f in files), dtype).as_dict()
+    return report
+
+
+def check_export(cfg: DictConfig, expected, family, example: dict, path: Path) -> dict:
+    """Run the written file (reloaded, or in onnxruntime) on `example`; ValueError when it differs from the
+    student's output `expected` by more than the format's tolerance."""
+    import torch
+
+    from fraqat_cli.export.example_inputs import relative_difference, student_prediction
+
+    with torch.no_grad():
+        if cfg.format == "safetensors":
+            from fraqat_cli.export.packed import load_packed
+
+            got, against = student_prediction(load_packed(path).transformer, family, example), "PyTorch student"
+        else:
+            from fraqat_cli.export.onnx_graph import run_onnxruntime
+
+            got, against = run_onnxruntime(path, example), "PyTorch student (onnxruntime CPU)"
+    difference, tolerance = relative_difference(got, expected), cfg.tolerance[cfg.format]
+    if not difference <= tolerance:
+        raise ValueError(f"the exported {cfg.format} model differs from the student by {difference:.3g} "
+                         f"(relative L2) > tolerance.{cfg.format}={tolerance:g}; nothing written")
+    return {"relative_difference": difference, "tolerance": tolerance, "against": against}
+
+
+def print_report(report: dict) -> None:
+    layers = report.get("layers")
+    bits = sorted({r["bits"] for r in layers.values()}) if layers else None
+    print(f"fraqat-export: {report['format']} -> {report['file']}")
+    s = report["size"]
+    print(f"  size: {s['file_bytes'] / 2**20:.2f} MiB = {s['of_bfloat16']:.3f} of the teacher in bfloat16 "
+          f"({s['bfloat16_bytes'] / 2**20:.2f} MiB), {s['of_float32']:.3f} of float32; "
+          f"{s['quantized_params']:,}/{s['total_params']:,} parameters quantized, the rest {s['plain_dtype']}")
+    if bits:
+        print(f"  {len(layers)} quantized layers at {bits} bits, {report['granularity']}")
+    if "check" in report:
+        c = report["check"]
+        print(f"  check against the {c['against']}: relative difference {c['relative_difference']:.2e} "
+              f"(tolerance {c['tolerance']:g})")
+        if c.get("unquantized_rounding"):
+            print(f"  unquantized tensors in {s['plain_dtype']}: the deployed student is "
+                  f"{c['unquantized_rounding']:.2e} (relative) from the float32 student")
+
+
+@hydra.main(config_path="pkg://fraqat_cli.conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    quiet_console()
+    run_reporting_errors("fraqat-export", lambda: export(cfg))
+
+
+if __name__ == "__main__":
+    main()

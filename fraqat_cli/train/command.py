@@ -1,0 +1,254 @@
+"""`fraqat-train`: distil a fake-quantized student from a full-precision teacher.
+
+`train(cfg)` does the work and returns its metrics, so tests and sweepers can
+call it in-process; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fraqat_cli.checks import positive_int, positive_number
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.files import atomic_write
+from fraqat_cli.train.run_length import check_run_length, run_length
+from fraqat_cli.train.sweep import METRICS_FILE
+
+
+def output_dir() -> Path:
+    """Hydra's run folder for this job, or the working directory outside Hydra."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def job_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Reject nonsense before any model is built."""
+    from fraqat_cli.train.attention_backends import attention_backends
+    from fraqat_cli.train.checkpointing import check_checkpoint_settings
+    from fraqat_cli.train.divergence import check_divergence_settings
+    from fraqat_cli.train.lora import check_lora_settings
+    from fraqat_cli.train.optimizers import check_optimizer
+    from fraqat_cli.train.student import build_quant_config
+    from fraqat_cli.train.validation import held_out_rows
+
+    positive_int("trainer.max_steps", cfg.trainer.max_steps)
+    positive_number("optim.lr", cfg.optim.lr)
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
+    positive_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
+    check_run_length(cfg)
+    check_checkpoint_settings(cfg)
+    check_optimizer(cfg.optim, cfg.trainer)
+    check_lora_settings(cfg.trainable)
+    check_divergence_settings(cfg)
+    positive_int("validation.every_n_steps", cfg.validation.every_n_steps)
+    attention_backends(cfg.attention_backends)
+    held_out_rows(2, cfg.validation.share, 0)  # the share's range, checked before any model is built
+    build_quant_config(cfg.quantizer, cfg.selection)  # granularity, rounding, layer kinds: before any folder
+
+
+def train(cfg: DictConfig) -> dict:
+    """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics."""
+    import lightning as L
+
+    from fraqat_cli.files import check_writable
+    from fraqat_cli.train.checkpointing import resume_path
+    from fraqat_cli.train.plan import check_before_training
+
+    # 1. Everything that can be wrong with the config fails here, before a model is built.
+    check_numbers(cfg)
+    schedule, source = instantiate_or_raise(cfg.schedule), instantiate_or_raise(cfg.data)
+    run_dir = output_dir()
+    check_writable(run_dir / "checkpoints", "nothing was trained: make it writable or choose another hydra.run.dir")
+    ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")  # the newest readable one, when resuming
+    check_before_training(cfg)  # on a GPU: a warning when the traced step will not fit its memory (fraqat-plan)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
+    data = prepare_data(cfg, source)
+    # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
+    module, summary = distillation_module(cfg, data, schedule)
+    # 4. The trainer; its device count sets the accumulation that reaches the global batch, and the steps.
+    trainer, stats = make_trainer(cfg, data, schedule, module.student, run_dir)
+    fix_run_length(cfg, trainer, module, len(data.dataset))
+    # 5. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
+    trainer.fit(module, train_dataloaders=data.loader(), ckpt_path=ckpt_path)
+    # 6. Report.
+    return report(cfg, trainer, schedule, summary, stats, run_dir)
+
+
+@dataclass
+class TrainingData:
+    """What the teacher's pipeline and the caches give a run: the rows to train on and a few to draw."""
+
+    model: object  # LoadedModel: the pipeline without its text encoders (its transformer is the teacher), family
+    noise: object
+    dataset: object  # (conditioning, latents) rows, read lazily from the caches
+    batch_size: int
+    num_workers: int
+    grid: object  # Conditioning: the sample grid's prompts, in memory
+    held_out: object = None  # rows never trained on: the validation loss's (`fraqat_cli.train.validation`)
+
+    def loader(self):
+        import torch
+
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            drop_last=len(self.dataset) >= self.batch_size,
+        )
+
+
+def prepare_data(cfg: DictConfig, source) -> TrainingData:
+    from fraqat_cli.data.conditioning import conditioning_store
+    from fraqat_cli.data.sources import ConditionedLatents
+    from fraqat_cli.models.embeddings import Conditioning
+    from fraqat_cli.models.loading import load_model
+    from fraqat_cli.train.validation import split_rows
+
+    noise = instantiate(cfg.model.noise)
+    conditioning = conditioning_store(cfg.model, source.prompts(), cfg.cache_dir)
+    model = load_model(cfg.model)
+    latents = source.latent_store(model, conditioning, cfg.cache_dir, cfg.seed)
+    noise.bind(model.pipe.scheduler.config)
+    rows = ConditionedLatents(conditioning, latents)
+    train_rows, held_out = split_rows(rows, cfg.validation.share, cfg.validation.seed)
+    grid = Conditioning(conditioning.read(0, cfg.num_sample_images), conditioning.shared())
+    return TrainingData(model, noise, train_rows, source.batch_size, source.num_workers, grid, held_out)
+
+
+def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
+    from fraqat_cli.train.attention_backends import attention_backends
+    from fraqat_cli.train.distill import DistillationModule
+    from fraqat_cli.train.lora import lora_from_config
+    from fraqat_cli.train.student import build_student
+
+    teacher = data.model.transformer
+    student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
+    if (lora := lora_from_config(student, cfg.trainable)) is not None:  # trainable=lora: low-rank QAT
+        print(lora)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    print(f"student: {summary}; schedule: {schedule}")
+    module = DistillationModule(
+        teacher, student, data.model.family, data.noise,
+        optimizer=instantiate_or_raise(cfg.optim),
+        trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
+        record={"schedule": repr(schedule)}, attention_backends=attention_backends(cfg.attention_backends),
+    )
+    if cfg.quantizer.static_activations:
+        module.calibration_batches = first_batches(data.dataset, data.batch_size, cfg.quantizer.calibration_batches)
+    return module, summary
+
+
+def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir: Path):
+    """The Lightning trainer with the schedule, checkpoint, sample-grid and step-statistics callbacks."""
+    import lightning as L
+
+    from fraqat_cli.models.generation import student_grid_maker
+    from fraqat_cli.train.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
+    from fraqat_cli.train.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, report_checkpoint_space
+    from fraqat_cli.train.divergence import divergence_guard
+    from fraqat_cli.train.validation import HeldOutLoss
+
+    report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
+    stats = StepStats()
+    callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
+    if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
+        callbacks.append(guard)
+    if data.held_out is not None:
+        callbacks.append(HeldOutLoss(data.held_out, cfg.validation.every_n_steps, data.batch_size, cfg.validation.seed))
+    if cfg.sample_every_n_steps > 0:
+        make_grid = student_grid_maker(data.model, data.grid, cfg.num_sample_images, cfg.seed)
+        callbacks.append(SampleImagesCallback(make_grid, cfg.sample_every_n_steps, run_dir / "samples"))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy built from config (conf/trainer/fsdp.yaml)
+        trainer_kwargs["strategy"] = instantiate_or_raise(trainer_kwargs["strategy"])
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        default_root_dir=str(run_dir), callbacks=callbacks, logger=make_logger(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False,
+    )
+    return trainer, stats
+
+
+def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:
+    """Accumulation and steps from the global batch and epochs, on the trainer and in the config that every
+    checkpoint records (so a checkpoint says what actually ran)."""
+    length = run_length(cfg, trainer.num_devices * trainer.num_nodes, samples)
+    trainer.accumulate_grad_batches, trainer.fit_loop.epoch_loop.max_steps = length.accumulation, length.steps
+    with open_dict(cfg):
+        cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches = length.steps, length.accumulation
+    module.record["config"] = OmegaConf.to_container(cfg, resolve=True)
+    print(length)
+
+
+def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) -> dict:
+    """metrics.json beside the checkpoints (rank 0), and the same dict returned."""
+    previous = run_dir / METRICS_FILE  # a run resumed at its last step trains no step: keep its last loss
+    last_loss = json.loads(previous.read_text())["final_loss"] if previous.is_file() else float("nan")
+    metrics = {
+        "final_loss": float(trainer.callback_metrics.get("train/loss", last_loss)),
+        "final_bits": float(schedule(cfg.trainer.max_steps - 1, cfg.trainer.max_steps)),
+        "steps": int(trainer.global_step),
+        **stats.summary(),
+        **held_out_summary(trainer),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "quantized_layers": summary.quantized_layers,
+        "quantized_params": summary.quantized_params,
+        "overrides": job_overrides(),
+    }
+    if trainer.is_global_zero:
+        atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    return metrics
+
+
+def held_out_summary(trainer) -> dict:
+    """The validation loss (last and curve), when the run holds rows out."""
+    from fraqat_cli.train.validation import HeldOutLoss
+
+    return next((c.summary() for c in trainer.callbacks if isinstance(c, HeldOutLoss)), {})
+
+
+def first_batches(dataset, batch_size: int, count: int) -> list[dict]:
+    """The dataset's first `count` batches, in order: the same on every rank (static activation calibration)."""
+    from torch.utils.data import default_collate
+
+    rows = range(min(len(dataset), count * batch_size))
+    return [default_collate([dataset[i] for i in rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)]
+
+
+def make_logger(cfg: DictConfig, run_dir: Path):
+    """The configured Lightning logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
+    if not cfg.logger:
+        return False
+    return instantiate(cfg.logger, save_dir=str(run_dir))
+
+
+@hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Train, print the metrics, and return the held-out validation loss: the objective a sweeper
+    (`hparams_search=schedule`, Optuna) minimises. None when `validation.share=0` holds no rows out."""
+    quiet_console()
+    metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
+        print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
+    return metrics.get("validation_loss")

@@ -1,0 +1,91 @@
+"""The optimizers `conf/optim/` offers, each a factory `(params, **settings) -> torch.optim.Optimizer`.
+
+Hydra builds them as partials (`_partial_: true`): the config holds the settings, the distillation module
+passes the trainable parameters later. AdamW keeps two float32 moments per trained parameter (8 bytes);
+AdamW8bit keeps them as 8-bit codes with a float32 scale per block of 256 (about 2.03 bytes), torchao's
+low-bit optimizer, which runs on the CPU as on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Classes an optimizer here puts in its state (hence in `last.ckpt`), allowed through `torch.load(weights_only=
+# True)` once their module is imported: torchao registers its own with `torch.serialization.add_safe_globals`.
+STATE_CLASSES = {
+    "torchao.optim.subclass_8bit.OptimState8bit": "torchao.optim.subclass_8bit",
+}
+
+
+def _plain(params, betas) -> tuple[list, tuple[float, float]]:
+    """A list of parameters, and betas as a tuple of floats: a ListConfig pickled into an optimizer's
+    param_groups would make the checkpoint unreadable with weights_only."""
+    return list(params), (float(betas[0]), float(betas[1]))
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+    """torch's AdamW (its multi-tensor `foreach` step on CUDA). Not the fused kernel the paper names: Lightning
+    refuses to clip the gradients of an optimizer that unscales them itself, and trainer=gpu clips (found on
+    an H200: every trainer=gpu run stopped at its first step)."""
+    params, betas = _plain(params, betas)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def adamw8bit(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), block_size: int = 256):
+    """torchao's AdamW8bit: moments as signed/unsigned 8-bit codes with a scale per `block_size` values
+    (tensors under 4,096 values, or not a multiple of the block, keep float32 moments, as bitsandbytes does).
+    Its update is compiled with torch.compile, which on the CPU needs a C++ compiler."""
+    import logging
+    import warnings
+
+    # Notices about torchao's own internals, not about the run: torch's pytree logs a deprecation per enum
+    # torchao registers on import, and AOT autograd warns that the 8-bit state class has no cache hash.
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"OptimState8bit does not implement _stable_hash_for_caching")
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as error:
+        raise ValueError("optim=adamw8bit needs torchao, which is not installed: pip install 'torchao>=0.10', "
+                         "or choose optim=adamw") from error
+    finally:
+        pytree_log.setLevel(level)
+    params, betas = _plain(params, betas)
+    return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, block_size=block_size)
+
+
+def allow_state_classes(path) -> None:
+    """Make the optimizer-state classes that the checkpoint at `path` names loadable with weights_only, by
+    importing their modules (which allow-list them). Only the classes in `STATE_CLASSES`: anything else the
+    file names is still refused by `torch.load`."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file: torch.load says so, with the caller's message
+        return
+    for module in sorted({STATE_CLASSES[n] for n in names if n in STATE_CLASSES}):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"checkpoint {str(path)!r} holds {module} optimizer state; "
+                              f"reading it needs torchao: pip install 'torchao>=0.10'") from error
+
+
+def check_optimizer(optim_cfg, trainer_cfg) -> None:
+    """Refuse, before any model is built, an optimizer whose state a sharded run cannot checkpoint: FSDP
+    gathers AdamW8bit's 8-bit moments as AsyncCollectiveTensor wrappers, which no safe load can read, so
+    the run would train for hours and then be unable to resume (seen on the CPU rehearsal, torchao 0.18)."""
+    from hydra.utils import get_class, get_method
+
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_") if hasattr(strategy, "get") else None
+    if target is None or get_method(optim_cfg._target_) is not adamw8bit:
+        return
+    from fraqat_cli.train.sharding import BlockShardedFSDP
+
+    if issubclass(get_class(target), BlockShardedFSDP):
+        raise ValueError("optim=adamw8bit cannot be checkpointed under trainer=fsdp (its sharded 8-bit moments "
+                         "are not gathered into a readable file); allowed: optim=adamw8bit with trainer=ddp, gpu "
+                         "or cpu, or trainer=fsdp with optim=adamw")
