@@ -11,7 +11,8 @@
 #   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_LAYERS=1 GPU_CHECK_RESOLUTION=256 bash scripts/gpu_check.sh /tmp/x
 #                                               # rehearse the script itself without a GPU (1 block, 256 px)
 # Further knobs: GPU_CHECK_EVAL=0 skips the fraqat-eval stages (a machine without the FID Inception's package),
-# GPU_CHECK_REAL_ONNX=0 the real-size ONNX export, GPU_CHECK_TINY="tiny_sana tiny_flux" picks the tiny families;
+# GPU_CHECK_REAL_ONNX=0 the real-size ONNX export, GPU_CHECK_REAL=0 the whole real-size part (2.),
+# GPU_CHECK_TINY="tiny_sana tiny_flux" picks the tiny families;
 # GPU_CHECK_REAL_OVERRIDES="check_memory=false" adds overrides to the real-size runs;
 # FRAQAT_BIN is the folder of the console scripts and python (default .venv/bin).
 set -euo pipefail
@@ -69,6 +70,9 @@ for model in $TINY; do
   stage "export-onnx-$model" "$BIN/fraqat-export" ckpt="$run" format=onnx
 done
 
+if [ "${GPU_CHECK_REAL:-1}" != 1 ]; then
+  echo "gpu_check: the tiny stages passed (real-size part skipped: GPU_CHECK_REAL=0); logs and runs in $OUT"; exit 0
+fi
 echo "== 2. real-size PixArt-Sigma XL-2 (random weights) at $RESOLUTION px on $ACCELERATOR"
 model_dir="$OUT/pixart_sigma_random"
 [ -d "$model_dir" ] || stage build-pixart-sigma "$BIN/python" scripts/random_real_model.py --model pixart_sigma \
