@@ -22,7 +22,8 @@ def cache_dir(tmp_path_factory):
 # three-minute file when the other is nearly done (measured: 13.5 min alphabetical, the CPU time allowing ~11).
 LONGEST_FIRST = ("test_sharding.py", "test_faults.py", "test_train_cli.py", "test_plan.py", "test_export_cli.py",
                  "test_memory_options.py", "test_eval_cli.py", "test_deploy.py", "test_real_scale.py",
-                 "test_checkpoints.py", "test_compare_schedules_smoke.py", "test_conditioning.py")
+                 "test_checkpoints.py", "test_compare_schedules_smoke.py", "test_toy_teachers.py",
+                 "test_hparams_search.py", "test_conditioning.py")
 
 
 def pytest_collection_modifyitems(config, items):
