@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.export.deployed import is_artifact
+from fraqat_cli.moved_modules import upgrade_stored_config
 from fraqat_cli.train.checkpointing import StudentCheckpoint
 
 TEACHER = "teacher"
@@ -62,7 +63,8 @@ def artifact_target(path: Path, model_name: str | None) -> EvalTarget:
     if model_name and info["model"] != model_name:
         raise ValueError(f"{str(path)!r} is an export of model {info['model']!r}, not of model={model_name!r}; "
                          f"drop model= or pick an export of that model")
-    config = OmegaConf.create({"model": info["model_config"], "schedule": {"name": info.get("schedule")},
+    config = OmegaConf.create({"model": upgrade_stored_config(info["model_config"]),
+                               "schedule": {"name": info.get("schedule")},
                                "quantizer": {"granularity": info.get("granularity")}})
     stem = Path(path).name.replace(".", "-")
     return EvalTarget(label=f"{info['model']}-{info.get('schedule')}-{info.get('granularity')}-deployed-{stem}",

@@ -35,6 +35,7 @@ from torch import nn
 
 from fraqat_cli.cli import warn
 from fraqat_cli.files import DiskWriteError, atomic_write, free_bytes
+from fraqat_cli.moved_modules import upgrade_stored_config
 from fraqat_cli.train.optimizers import allow_state_classes
 
 LAST = "last.ckpt"
@@ -139,7 +140,8 @@ class StudentCheckpoint:
         if not isinstance(raw, dict) or "config" not in (raw.get(RECORD) or {}) or "state_dict" not in raw:
             raise ValueError(f"{str(path)!r} is not a fraqat-train checkpoint (it has no {RECORD!r} record)")
         state = {k.removeprefix(STUDENT): v for k, v in raw["state_dict"].items() if k.startswith(STUDENT)}
-        return cls(config=OmegaConf.create(raw[RECORD]["config"]), state=state, step=int(raw.get("global_step", 0)),
+        config = OmegaConf.create(upgrade_stored_config(raw[RECORD]["config"]))  # names from before a module moved
+        return cls(config=config, state=state, step=int(raw.get("global_step", 0)),
                    path=path, resumable="optimizer_states" in raw, schedule=raw[RECORD].get("schedule"), mapped=True)
 
     @classmethod

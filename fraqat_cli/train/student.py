@@ -29,8 +29,6 @@ from fraqat_cli.quant import (
 from fraqat_cli.train.checkpointing import StudentCheckpoint, release_pages
 from fraqat_cli.train.lora import merge_lora_state
 
-QUANT_CONFIG_TARGET = "fraqat_cli.train.student.quant_config"
-
 
 def quant_config(*, granularity: str, group_size: int | None, symmetric: bool, rounding: str,
                  activation_bits: float | None, activation_granularity: str, activation_symmetric: bool,
