@@ -237,6 +237,19 @@ def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, ac
     return batch, optimizer
 
 
+def _module_to_trace(cfg: DictConfig, teacher: nn.Module, batch_size: int):
+    """fraqat-train's own distillation module around `teacher`, built quietly; static activation ranges are
+    measured on data and hold no memory of their own in the step, so they are left out."""
+    from fraqat_cli.train.command import distillation_module
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.quantizer.static_activations = False
+    with contextlib.redirect_stdout(io.StringIO()):  # the module's build report is fraqat-train's to print
+        module, _ = distillation_module(cfg, stand_in_data(cfg, teacher, batch_size), instantiate(cfg.schedule))
+    return module
+
+
 def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, row: dict | None = None) -> StepTrace:
     """Trace one micro-batch of `cfg`'s run on one device with the whole student (forward and backward of
     `batch_size` rows), then the optimizer step (the optimizer is the same on CUDA: no fused kernel).
@@ -245,16 +258,9 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, row: dict |
     step but the first; `accumulating`: the gradients exist too, as in every micro-batch but the first.
     `row`: one training row (`example_row`), when it was computed elsewhere.
     """
-    from fraqat_cli.train.command import distillation_module
-
-    schedule = instantiate(cfg.schedule)
     row = row if row is not None else example_row(cfg.model)
     teacher = build_transformer(cfg.model, device="meta", dtype=model_dtype(cfg.model))
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.quantizer.static_activations = False  # ranges measured on data: no memory of their own in the step
-    with contextlib.redirect_stdout(io.StringIO()):  # the module's build report is fraqat-train's to print
-        module, _ = distillation_module(cfg, stand_in_data(cfg, teacher, batch_size), schedule)
+    module = _module_to_trace(cfg, teacher, batch_size)
     student = module.student
     block_bytes, outside = _block_bytes(student, block_classes(cfg.model))
     state_bytes, state_tensors = _state_bytes(student)
