@@ -90,9 +90,10 @@ def write_graphs(name: str, width: int, layers: int, folder: Path) -> tuple[Path
 
     from fraqat_cli.export.onnx_graph import DenoiserGraph, _squeeze_dim
     from fraqat_cli.export.onnx_nbits import export_nbits
+    from fraqat_cli.models.embeddings import conditioning_of
 
     model, family, example = build(name, width, layers)
-    wrapper = DenoiserGraph(model, family, [k for k in example if k not in ("latents", "timestep")]).eval()
+    wrapper = DenoiserGraph(model, family, list(conditioning_of(example))).eval()
     with torch.no_grad():
         program = torch.onnx.export(wrapper, tuple(example.values()), dynamo=True, opset_version=21,
                                     input_names=list(example), output_names=["prediction"], verbose=False,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from omegaconf import OmegaConf
 
+from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.models.families import SanaFamily
 from fraqat_cli.models.noise import FlowMatchingNoise
 from fraqat_cli.train.distill import DistillationModule
@@ -97,7 +98,7 @@ def sync(device: str) -> float:
 def distillation_phases(module, batch, optimizer, device) -> dict[str, float]:
     """One distillation step, timed phase by phase (the same work as DistillationModule.distillation_loss)."""
     family, latents = module.family, batch["latents"]
-    cond = {k: v for k, v in batch.items() if k != "latents"}
+    cond = conditioning_of(batch)
     noisy, timesteps = module.noise(latents, torch.randn_like(latents))
     kwargs = family.transformer_kwargs(noisy, timesteps, cond)
     t0 = sync(device)
@@ -117,7 +118,7 @@ def distillation_phases(module, batch, optimizer, device) -> dict[str, float]:
 def plain_step(model, batch, optimizer, noise, family, device) -> float:
     """A full-precision training step of the same transformer (denoising MSE against random targets)."""
     latents = batch["latents"]
-    cond = {k: v for k, v in batch.items() if k != "latents"}
+    cond = conditioning_of(batch)
     noisy, timesteps = noise(latents, torch.randn_like(latents))
     t0 = sync(device)
     prediction = model(**family.transformer_kwargs(noisy, timesteps, cond), return_dict=False)[0]

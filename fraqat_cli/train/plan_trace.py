@@ -26,6 +26,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fraqat_cli.models.architecture import block_classes, build_transformer, count_parameters
+from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.models.loading import LoadedModel, family_of, load_pipeline, model_dtype
 
 TOTAL = "Total"  # MemTracker's key for a device's sum
@@ -301,6 +302,6 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, row: dict |
         flops=counter.get_total_flops(),
         largest_block_bytes=max(block_bytes, default=0), outside_blocks_bytes=outside,
         student_state_bytes=state_bytes, student_state_tensors=state_tensors,
-        cond_row_bytes=_row_bytes(row, [k for k in row if k != "latents"]),
+        cond_row_bytes=_row_bytes(row, conditioning_of(row)),
         latent_row_bytes=_row_bytes(row, ["latents"]),
     )
