@@ -85,6 +85,19 @@ def run(command: list[str], env: dict) -> None:
     subprocess.run(command, check=True, env=env)
 
 
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    print("$", " ".join(command), "&", flush=True)
+    return subprocess.Popen(command, env=env)
+
+
+def split_seeds(overrides: list[str], workers: int) -> list[list[str]]:
+    """One multirun's overrides as up to `workers` multiruns, the seeds dealt round-robin between them."""
+    at = next(i for i, o in enumerate(overrides) if o.startswith("seed="))
+    seeds = overrides[at].split("=", 1)[1].split(",")
+    return [[*overrides[:at], f"seed={','.join(seeds[w::workers])}", *overrides[at + 1:]]
+            for w in range(min(max(workers, 1), len(seeds)))]
+
+
 def held_out_loss(checkpoint: Path, cache_dir: str, count: int) -> dict:
     """Student-vs-teacher MSE on fixed validation (noise, timestep, prompt) triples, and the size of the
     transformer (its parameter count: the denominator of the share of weights quantized)."""
@@ -383,10 +396,18 @@ def train_and_evaluate(args, bindir: Path, env: dict, sweep: Path, train: bool, 
     started = time.perf_counter()
     if train:
         for overrides in sweeps(args):
-            run([str(bindir / "fraqat-train"), "--multirun", *overrides,
-                 f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
-                 f"data.num_prompts={args.prompts}", "trainer.enable_progress_bar=false",
-                 f"checkpoint_every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides], env)
+            common = [f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
+                      f"data.num_prompts={args.prompts}", "trainer.enable_progress_bar=false",
+                      f"checkpoint_every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides]
+            parts = split_seeds(overrides, args.workers)
+            if len(parts) == 1:
+                run([str(bindir / "fraqat-train"), "--multirun", *parts[0], *common], env)
+            else:  # the seeds split over parallel one-thread multiruns: tiny models use one core badly
+                single = dict(env, OMP_NUM_THREADS="1")
+                procs = [start([str(bindir / "fraqat-train"), "--multirun", *part, *common], single) for part in parts]
+                failed = [p.args for p in procs if p.wait() != 0]
+                if failed:
+                    raise SystemExit(f"fraqat-train failed: {failed}")
             timing["training_jobs"] = timing.get("training_jobs", 0) + math.prod(
                 len(o.split("=", 1)[1].split(",")) for o in overrides
                 if o.split("=")[0] in ("schedule", "quantizer", "seed", "quantizer.rounding"))
@@ -421,10 +442,7 @@ def evaluate(args, ckpts: list[str], name: str, bindir: Path, env: dict, wait: b
                *([f"model={model}"] if model else []),
                f"results_csv={args.out.resolve()}/results-{name}.csv",
                f"hydra.run.dir={args.out.resolve()}/eval-{name}"]
-    if wait:
-        return run(command, env)
-    print("$", " ".join(command), "&", flush=True)
-    return subprocess.Popen(command, env=env)
+    return run(command, env) if wait else start(command, env)
 
 
 def measured_rows(args, sweep: Path, cache_dir: str, timing: dict) -> tuple[list[dict], list[dict]]:
@@ -488,7 +506,8 @@ def parse_args() -> argparse.Namespace:
                         help="seed of the shapes_val prompt draw (used before: 0 training captions, 7, 11, 23, 29)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=256, help="training prompts (data-free teacher latents)")
-    parser.add_argument("--workers", type=int, default=2, help="parallel fraqat-eval processes (one thread each)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="parallel fraqat-train and fraqat-eval processes (one thread each)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more fraqat-train overrides for every job, e.g. trainable=lora (scripts/compare_lora.py)")
     parser.add_argument("--smoke", action="store_true")

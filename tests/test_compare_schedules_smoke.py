@@ -123,6 +123,15 @@ def test_sweeps_give_the_headline_schedules_their_own_seed_count(script, monkeyp
     assert {"selection=all_linear", "quantizer.layers=[linear,pointwise_conv]"} <= set(sweeps[2])
 
 
+def test_parallel_training_deals_every_seed_to_exactly_one_worker(script):
+    overrides = ["model=toy", "schedule=standard,fractional", "seed=0,1,2,3,4", "hydra.sweep.subdir=x"]
+    parts = script.split_seeds(overrides, 2)
+    assert [p[2] for p in parts] == ["seed=0,2,4", "seed=1,3"]
+    assert all(p[:2] == overrides[:2] and p[3:] == overrides[3:] for p in parts)
+    assert script.split_seeds(["seed=0"], 2) == [["seed=0"]]  # never an empty multirun
+    assert script.split_seeds(overrides, 1) == [overrides]
+
+
 @pytest.mark.parametrize("flag", ["--schedules", "--models", "--selections"])
 def test_a_name_not_in_conf_is_refused_naming_the_allowed_ones(script, monkeypatch, capsys, flag):
     monkeypatch.setattr(sys, "argv", ["compare_schedules.py", flag, "standard,nonesuch"])
