@@ -5,6 +5,7 @@ deployed codes are its fake-quantized merged weights."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -85,6 +86,33 @@ def test_adamw8bit_keeps_its_moments_in_about_a_quarter_of_adamws_bytes():
     assert ratio == pytest.approx((values + 4 * values / 256 + 4 * 256) / (4 * values), rel=1e-6)  # 0.258
     moved = [(a - b).abs().max().item() for a, b in zip(full.parameters(), eight.parameters())]
     assert max(moved) < 1e-5, "one step of each moves the weights alike (the first step's moments are exact-ish)"
+
+
+def test_checkpoint_sizing_counts_the_moments_each_optimizer_keeps():
+    """`optimizers.state_bytes` (what fraqat-train prints and checks free disk space against) against the state
+    torch's and torchao's optimizers really hold: 8-bit only for tensors of 4,096+ values in whole blocks."""
+    from fraqat_cli.train.optimizers import adamw, adamw8bit
+    from fraqat_cli.train.optimizers import state_bytes as sized
+
+    shapes = [((256, 256), torch.float32), ((300, 100), torch.float32), ((64, 64), torch.float32),
+              ((256,), torch.float32), ((256, 256), torch.bfloat16)]
+    for name, make in (("adamw", adamw), ("adamw8bit", adamw8bit)):
+        params = [torch.nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape, dtype in shapes]
+        optimizer = make(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        cfg = compose_train(f"optim={name}").optim
+        for p in params:
+            state = optimizer.state[p]
+            plain = [inner for t in state.values() for inner in _plain_tensors(t)]
+            assert sized(cfg, p) == (sum(t.nbytes for t in plain), len(plain)), (name, tuple(p.shape), p.dtype)
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a checkpoint stores for `t`: itself, or the plain tensors inside a tensor subclass."""
+    names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+    return [getattr(t, n) for n in names] if names else [t]
 
 
 def test_adamw8bit_resumes_from_a_weights_only_checkpoint_exactly(tmp_path):
@@ -236,6 +264,9 @@ def test_lora_with_8bit_adamw_trains_resumes_evaluates_and_exports_the_toy(tmp_p
     # torchao keeps tensors of at least 4,096 values (a multiple of its 256-value block) in 8 bits; the toy's
     # layers are 128 wide or more, so at rank 32 every A (32 x in) and B (out x 32) qualifies
     assert moments and all(type(m["exp_avg"]).__name__ == "OptimState8bit" for m in moments.values())
+    printed = re.search(r"resumable ([0-9.]+) MiB \(last.ckpt: \+ 8-bit AdamW state", first.stdout)
+    assert printed and float(printed.group(1)) * 2**20 == pytest.approx(
+        (run / "checkpoints" / LAST).stat().st_size, rel=0.03), "sized before training as the file came out"
 
     exported = console("fraqat-export", [f"ckpt={run}"], cwd=tmp_path, cache_dir=cache_dir)
     assert exported.returncode == 0, exported.stderr[-3000:]

@@ -352,7 +352,7 @@ FRAMING_BYTES_PER_FILE = 16 * 1024
 
 def report_checkpoint_space(cfg: DictConfig, student: nn.Module, checkpoint_dir: Path) -> CheckpointSizes:
     """Print the size of one checkpoint of each kind, and warn before training when they will not fit."""
-    sizes = checkpoint_sizes(student)
+    sizes = checkpoint_sizes(student, cfg.get("optim"))
     print(sizes)
     if (problem := checkpoint_space_warning(cfg, sizes, checkpoint_dir)) is not None:
         warn(problem)
@@ -386,21 +386,26 @@ class CheckpointSizes:
     student_bytes: int
     resumable_bytes: int
     trainable_params: int
+    optimizer: str = "AdamW"
 
     def __str__(self) -> str:
         return (f"checkpoint sizes: student-only {self.student_bytes / 2**20:.2f} MiB (step-NNNNNN.ckpt); "
-                f"resumable {self.resumable_bytes / 2**20:.2f} MiB ({LAST}: + AdamW moments of "
+                f"resumable {self.resumable_bytes / 2**20:.2f} MiB ({LAST}: + {self.optimizer} state of "
                 f"{self.trainable_params:,} trainable parameters)")
 
 
-def checkpoint_sizes(student: nn.Module) -> CheckpointSizes:
+def checkpoint_sizes(student: nn.Module, optim_cfg=None) -> CheckpointSizes:
     """Sizes of the two kinds for `student` as it will be saved: every tensor of its state dict (shared
-    storage counted once); the resumable kind adds AdamW's state, two moments per trainable parameter in
-    the parameter's dtype and a float32 step count per parameter tensor."""
+    storage counted once); the resumable kind adds the state of the optimizer `optim_cfg` configures
+    (`optimizers.state_bytes`: AdamW's two moments, or AdamW8bit's 8-bit ones; None: AdamW)."""
+    from fraqat_cli.train.optimizers import optimizer_name, state_bytes
+
     storages = {}
     for tensor in student.state_dict().values():
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     trainable = [p for p in student.parameters() if p.requires_grad]
     student_bytes = sum(storages.values()) + FRAMING_BYTES_PER_TENSOR * len(storages) + FRAMING_BYTES_PER_FILE
-    optimizer_bytes = sum(2 * p.numel() * p.element_size() + 4 + 3 * FRAMING_BYTES_PER_TENSOR for p in trainable)
-    return CheckpointSizes(student_bytes, student_bytes + optimizer_bytes, sum(p.numel() for p in trainable))
+    optimizer_bytes = sum(size + FRAMING_BYTES_PER_TENSOR * tensors
+                          for size, tensors in (state_bytes(optim_cfg, p) for p in trainable))
+    return CheckpointSizes(student_bytes, student_bytes + optimizer_bytes, sum(p.numel() for p in trainable),
+                           optimizer_name(optim_cfg))

@@ -55,6 +55,33 @@ def adamw8bit(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), 
     return AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, block_size=block_size)
 
 
+CODE_BOOK_BYTES = 256 * 4  # torchao's 8-bit code book: 256 float32 values, stored with every 8-bit moment
+
+
+def state_bytes(optim_cfg, param: torch.Tensor) -> tuple[int, int]:
+    """(bytes, stored tensors) of the state `optim_cfg`'s optimizer keeps for `param` once it has stepped, as
+    `last.ckpt` holds it. AdamW: two moments in the parameter's dtype and a float32 step count. AdamW8bit: the
+    same, but a tensor of at least 4,096 values in whole blocks keeps each moment as uint8 codes, a float32
+    scale per block and the code book (torchao's rule, as bitsandbytes'). Another optimizer counts as AdamW."""
+    n = param.numel()
+    if is_adamw8bit(optim_cfg):
+        block = int(optim_cfg.get("block_size", 256))
+        if n >= 4096 and n % block == 0:
+            return 2 * (n + n // block * 4 + CODE_BOOK_BYTES) + 4, 2 * 3 + 1  # codes, scales, code book; step
+    return 2 * n * param.element_size() + 4, 3
+
+
+def optimizer_name(optim_cfg) -> str:
+    return "8-bit AdamW" if is_adamw8bit(optim_cfg) else "AdamW"
+
+
+def is_adamw8bit(optim_cfg) -> bool:
+    """Whether `optim_cfg` (an `optim` group entry, or None) builds `adamw8bit`."""
+    from hydra.utils import get_method
+
+    return optim_cfg is not None and get_method(optim_cfg._target_) is adamw8bit
+
+
 def allow_state_classes(path) -> None:
     """Make the optimizer-state classes that the checkpoint at `path` names loadable with weights_only, by
     importing their modules (which allow-list them). Only the classes in `STATE_CLASSES`: anything else the
@@ -77,11 +104,11 @@ def check_optimizer(optim_cfg, trainer_cfg) -> None:
     """Refuse, before any model is built, an optimizer whose state a sharded run cannot checkpoint: FSDP
     gathers AdamW8bit's 8-bit moments as AsyncCollectiveTensor wrappers, which no safe load can read, so
     the run would train for hours and then be unable to resume (seen on the CPU rehearsal, torchao 0.18)."""
-    from hydra.utils import get_class, get_method
+    from hydra.utils import get_class
 
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_") if hasattr(strategy, "get") else None
-    if target is None or get_method(optim_cfg._target_) is not adamw8bit:
+    if target is None or not is_adamw8bit(optim_cfg):
         return
     from fraqat_cli.train.sharding import BlockShardedFSDP
 
