@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fraqat_cli.evaluate.paired_seeds import paired_interval, summarize
+from fraqat_cli.evaluate.paired_seeds import fid_gap_p_values, holm, paired_interval, paired_p_value, summarize
 
 
 def test_paired_interval_is_scipys_paired_t_interval():
@@ -85,3 +85,34 @@ def test_selections_group_the_tables_and_get_their_own_ratio():
     assert "Details, model `toy`, selection `all_linear`:" in table
     ratio = next(line for line in table.splitlines() if "transformer_blocks / all_linear" in line)
     assert ratio.startswith("| standard | per_tensor | transformer_blocks / all_linear | 2 | 0.500 |")
+
+
+def test_holm_scales_the_smallest_p_by_the_count_and_never_lets_a_larger_p_come_out_smaller():
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})  # 3 x 0.01; 2 x 0.03; max(1 x 0.04, 0.06)
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+
+
+def test_paired_p_value_is_scipys_paired_t_test():
+    from scipy import stats
+
+    fractional, standard = [32.1, 30.9, 35.0, 31.2, 29.8], [33.0, 33.9, 34.1, 32.5, 33.6]
+    gaps = [f / s - 1 for f, s in zip(fractional, standard)]
+    assert paired_p_value(gaps) == pytest.approx(stats.ttest_1samp(gaps, 0).pvalue, rel=1e-9)
+    assert paired_p_value([-0.1, -0.1]) == 0.0 and paired_p_value([0.0, 0.0]) == 1.0  # no spread
+
+
+def test_family_table_counts_the_seeds_closer_than_standard_and_adjusts_p_over_every_gap():
+    rows = (family_rows("toy", "transformer_blocks", "standard", "per_tensor", [15.0, 16.0, 17.0, 18.0], 0.4)
+            + family_rows("toy", "transformer_blocks", "fractional", "per_tensor", [14.0, 15.0, 17.5, 16.0], 0.4)
+            + family_rows("toy_flux", "transformer_blocks", "standard", "per_tensor", [7.0, 7.2, 7.4, 7.1], 0.86)
+            + family_rows("toy_flux", "transformer_blocks", "fractional", "per_tensor", [6.5, 6.6, 7.0, 6.7], 0.86))
+    table = summarize(rows)
+    toy = next(line for line in table.splitlines() if line.startswith("| toy | per_tensor | FraQAT |"))
+    flux = next(line for line in table.splitlines() if line.startswith("| toy_flux | per_tensor | FraQAT |"))
+    p = {key[0]: value for key, value in fid_gap_p_values(rows).items()}
+    adjusted = holm(p)
+    assert "| 3/4 |" in toy and f"| {adjusted['toy']:.3f} |" in toy
+    assert "| 4/4 |" in flux and f"| {adjusted['toy_flux']:.3f} |" in flux
+    assert min(adjusted.values()) == pytest.approx(2 * min(p.values()))  # two gaps in all
+    assert "p, Holm over 2 gaps" in table

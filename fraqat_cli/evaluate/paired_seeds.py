@@ -53,6 +53,35 @@ def paired_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
     return mean, sd, mean - half, mean + half
 
 
+def paired_p_value(values: list[float]) -> float:
+    """Two-sided one-sample t test of per-seed paired gaps against 0 (the test `paired_interval` inverts: the
+    interval excludes 0 exactly when p < 1 - CONFIDENCE). Gaps without spread: 0 when they are not all 0."""
+    from scipy import stats
+
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    return float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(len(values))), len(values) - 1))
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjustment of a set of p-values: calling every adjusted p below 0.05 "distinguishable"
+    keeps the chance of any false call in the whole set at 5%, where each raw interval alone keeps it per gap."""
+    adjusted, running = {}, 0.0
+    for i, key in enumerate(sorted(p_values, key=p_values.get)):
+        running = max(running, min(1.0, (len(p_values) - i) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def fid_gap_p_values(rows: list[dict]) -> dict[tuple, float]:
+    """Per arm with a standard-QAT baseline and two or more seed pairs: the p-value of its paired FID gap."""
+    groups = _by_seed(rows)
+    gaps = {key: _paired_gaps(groups, key, base, "fid") for key in groups
+            if (base := _baseline(groups, key)) is not None}
+    return {key: paired_p_value(values) for key, values in gaps.items() if len(values) > 1}
+
+
 def arm(row: dict) -> tuple:
     return tuple(row.get(k, LEGACY.get(k)) for k in ARM)
 
@@ -103,28 +132,35 @@ def _spread(values: list[float], digits: str) -> str:
     return f"{statistics.fmean(values):{digits}} ± {sd:{digits}}"
 
 
-def family_table(model: str, rows: list[dict], teacher: dict | None) -> str:
+def family_table(model: str, rows: list[dict], teacher: dict | None, adjusted: dict | None = None) -> str:
     """One model's rows in the form of the paper's Table 1: the teacher, then every schedule per granularity
-    (and selection, rounding where they vary), FID vs teacher with its paired gap to standard QAT."""
+    (and selection, rounding where they vary), FID vs teacher with its paired gap to standard QAT, how many
+    seeds' students came out closer to the teacher than their standard-QAT twin, and the gap's p-value
+    adjusted over every gap of the summary (`adjusted`, from `holm`)."""
+    adjusted = adjusted or {}
     groups = _by_seed(rows)
     varying = [f for f in ("selection", "rounding") if len({r.get(f, LEGACY.get(f)) for r in rows}) > 1]
     extra = [k for k in EXTRA if all(k in r for r in rows)]
     share = all("quantized_share" in r for r in rows)
     head = ["model", *varying, "granularity", "method", "seeds", "FID vs teacher mean ± sd",
             "gap to standard QAT (paired)", f"{CONFIDENCE:.0%} interval", "distinguishable from 0",
-            "held-out loss mean ± sd", *(EXTRA[k] for k in extra)] + (["weights quantized"] if share else [])
+            "seeds closer than standard QAT", f"p, Holm over {len(adjusted)} gaps", "held-out loss mean ± sd",
+            *(EXTRA[k] for k in extra)] + (["weights quantized"] if share else [])
     table = [head]
     if teacher is not None:
         reference = {k: f"{teacher[k]:.3g}" for k in ("fid_val", "attribute_accuracy") if k in teacher}
         table.append([model, *["-"] * len(varying), "-", "teacher (full precision)", "-", "0 (reference)", "-", "-",
-                      "-", "0", *(reference.get(k, "-") for k in extra)] + (["-"] if share else []))
+                      "-", "-", "-", "0", *(reference.get(k, "-") for k in extra)] + (["-"] if share else []))
     for key in sorted(groups, key=order):
         seeds = groups[key]
-        base, gap = _baseline(groups, key), ["-", "-", "-"]
+        base, gap = _baseline(groups, key), ["-"] * 5
         if base is not None:
-            mean, sd, low, high = paired_interval(_paired_gaps(groups, key, base, "fid"))
-            gap = [f"{mean:+.1%}", "one seed: no interval", "-"] if math.isnan(sd) else [
-                f"{mean:+.1%}", f"[{low:+.1%}, {high:+.1%}]", "no" if low <= 0 <= high else "**yes**"]
+            gaps = _paired_gaps(groups, key, base, "fid")
+            mean, sd, low, high = paired_interval(gaps)
+            closer = f"{sum(g < 0 for g in gaps)}/{len(gaps)}"
+            p = f"{adjusted[key]:.3f}" if key in adjusted else "-"
+            gap = [f"{mean:+.1%}", "one seed: no interval", "-", closer, p] if math.isnan(sd) else [
+                f"{mean:+.1%}", f"[{low:+.1%}, {high:+.1%}]", "no" if low <= 0 <= high else "**yes**", closer, p]
         column = lambda k, seeds=seeds: [r[k] for r in seeds.values()]  # noqa: E731
         table.append([model, *(key[ARM.index(f)] for f in varying), key[4], METHOD_NAMES.get(key[3], key[3]),
                       str(len(seeds)), _spread(column("fid"), ".2f"), *gap, _spread(column("held_out_loss"), ".5f"),
@@ -209,12 +245,13 @@ def summarize(rows: list[dict], teachers: list[dict] = ()) -> str:
     ratios between selections. One model and one selection: the detail tables alone carry no heading."""
     models = sorted({arm(r)[0] for r in rows}, key=lambda m: rank(m, MODELS))
     sections = sorted({arm(r)[:2] for r in rows}, key=lambda s: (rank(s[0], MODELS), rank(s[1], list(SELECTIONS))))
-    parts = []
+    parts, adjusted = [], holm(fid_gap_p_values(rows))
     for model in models:
         teacher = next((t for t in teachers if t["model"] == model), None)
         parts += [f"Model `{model}`: the paper's Table 1 form (FID against the teacher's own images; gap: per seed "
-                  f"FID / FID(standard QAT) - 1, {CONFIDENCE:.0%} t interval over the seed pairs).", "",
-                  family_table(model, [r for r in rows if arm(r)[0] == model], teacher), ""]
+                  f"FID / FID(standard QAT) - 1, {CONFIDENCE:.0%} t interval over the seed pairs; p: the paired t "
+                  f"test's, Holm-adjusted over every FID gap below).", "",
+                  family_table(model, [r for r in rows if arm(r)[0] == model], teacher, adjusted), ""]
     for model, selection in sections:
         if len(sections) > 1:
             parts += [f"Details, model `{model}`, selection `{selection}`:", ""]
