@@ -102,7 +102,7 @@ def test_paired_p_value_is_scipys_paired_t_test():
     assert paired_p_value([-0.1, -0.1]) == 0.0 and paired_p_value([0.0, 0.0]) == 1.0  # no spread
 
 
-def test_family_table_counts_the_seeds_closer_than_standard_and_adjusts_p_over_every_gap():
+def test_family_table_counts_the_seeds_closer_than_standard_and_adjusts_p_within_each_schedule():
     rows = (family_rows("toy", "transformer_blocks", "standard", "per_tensor", [15.0, 16.0, 17.0, 18.0], 0.4)
             + family_rows("toy", "transformer_blocks", "fractional", "per_tensor", [14.0, 15.0, 17.5, 16.0], 0.4)
             + family_rows("toy_flux", "transformer_blocks", "standard", "per_tensor", [7.0, 7.2, 7.4, 7.1], 0.86)
@@ -112,7 +112,10 @@ def test_family_table_counts_the_seeds_closer_than_standard_and_adjusts_p_over_e
     flux = next(line for line in table.splitlines() if line.startswith("| toy_flux | per_tensor | FraQAT |"))
     p = {key[0]: value for key, value in fid_gap_p_values(rows).items()}
     adjusted = holm(p)
-    assert "| 3/4 |" in toy and f"| {adjusted['toy']:.3f} |" in toy
-    assert "| 4/4 |" in flux and f"| {adjusted['toy_flux']:.3f} |" in flux
-    assert min(adjusted.values()) == pytest.approx(2 * min(p.values()))  # two gaps in all
-    assert "p, Holm over 2 gaps" in table
+    assert "| 3/4 |" in toy and f"| {adjusted['toy']:.3f} (2) |" in toy  # one family: fractional's two gaps
+    assert "| 4/4 |" in flux and f"| {adjusted['toy_flux']:.3f} (2) |" in flux
+    assert min(adjusted.values()) == pytest.approx(2 * min(p.values()))
+    renamed = rows[:12] + [{**r, "schedule": "integer"} for r in rows[12:]]  # flux's fractional rows as integer
+    lines = summarize(renamed).splitlines()
+    integer = next(line for line in lines if line.startswith("| toy_flux | per_tensor | integer |"))
+    assert f"| {holm({'x': p['toy_flux']})['x']:.3f} (1) |" in integer  # a schedule of one gap: unadjusted

@@ -74,6 +74,16 @@ def holm(p_values: dict) -> dict:
     return adjusted
 
 
+def adjusted_per_schedule(p_values: dict[tuple, float]) -> dict[tuple, tuple[float, int]]:
+    """Holm within each family of claims "this schedule beats standard QAT": the gaps of one schedule (and
+    selection, rounding) over every model and granularity. Per arm: (adjusted p, size of its family)."""
+    families: dict[tuple, dict] = {}
+    for key, p in p_values.items():
+        model, selection, rounding, schedule, granularity = key
+        families.setdefault((selection, rounding, schedule), {})[key] = p
+    return {key: (p, len(family)) for family in families.values() for key, p in holm(family).items()}
+
+
 def fid_gap_p_values(rows: list[dict]) -> dict[tuple, float]:
     """Per arm with a standard-QAT baseline and two or more seed pairs: the p-value of its paired FID gap."""
     groups = _by_seed(rows)
@@ -136,7 +146,7 @@ def family_table(model: str, rows: list[dict], teacher: dict | None, adjusted: d
     """One model's rows in the form of the paper's Table 1: the teacher, then every schedule per granularity
     (and selection, rounding where they vary), FID vs teacher with its paired gap to standard QAT, how many
     seeds' students came out closer to the teacher than their standard-QAT twin, and the gap's p-value
-    adjusted over every gap of the summary (`adjusted`, from `holm`)."""
+    Holm-adjusted within its schedule's family of gaps (`adjusted`, from `adjusted_per_schedule`)."""
     adjusted = adjusted or {}
     groups = _by_seed(rows)
     varying = [f for f in ("selection", "rounding") if len({r.get(f, LEGACY.get(f)) for r in rows}) > 1]
@@ -144,7 +154,7 @@ def family_table(model: str, rows: list[dict], teacher: dict | None, adjusted: d
     share = all("quantized_share" in r for r in rows)
     head = ["model", *varying, "granularity", "method", "seeds", "FID vs teacher mean ± sd",
             "gap to standard QAT (paired)", f"{CONFIDENCE:.0%} interval", "distinguishable from 0",
-            "seeds closer than standard QAT", f"p, Holm over {len(adjusted)} gaps", "held-out loss mean ± sd",
+            "seeds closer than standard QAT", "p, Holm (gaps in family)", "held-out loss mean ± sd",
             *(EXTRA[k] for k in extra)] + (["weights quantized"] if share else [])
     table = [head]
     if teacher is not None:
@@ -158,7 +168,7 @@ def family_table(model: str, rows: list[dict], teacher: dict | None, adjusted: d
             gaps = _paired_gaps(groups, key, base, "fid")
             mean, sd, low, high = paired_interval(gaps)
             closer = f"{sum(g < 0 for g in gaps)}/{len(gaps)}"
-            p = f"{adjusted[key]:.3f}" if key in adjusted else "-"
+            p = f"{adjusted[key][0]:.3f} ({adjusted[key][1]})" if key in adjusted else "-"
             gap = [f"{mean:+.1%}", "one seed: no interval", "-", closer, p] if math.isnan(sd) else [
                 f"{mean:+.1%}", f"[{low:+.1%}, {high:+.1%}]", "no" if low <= 0 <= high else "**yes**", closer, p]
         column = lambda k, seeds=seeds: [r[k] for r in seeds.values()]  # noqa: E731
@@ -245,12 +255,12 @@ def summarize(rows: list[dict], teachers: list[dict] = ()) -> str:
     ratios between selections. One model and one selection: the detail tables alone carry no heading."""
     models = sorted({arm(r)[0] for r in rows}, key=lambda m: rank(m, MODELS))
     sections = sorted({arm(r)[:2] for r in rows}, key=lambda s: (rank(s[0], MODELS), rank(s[1], list(SELECTIONS))))
-    parts, adjusted = [], holm(fid_gap_p_values(rows))
+    parts, adjusted = [], adjusted_per_schedule(fid_gap_p_values(rows))
     for model in models:
         teacher = next((t for t in teachers if t["model"] == model), None)
         parts += [f"Model `{model}`: the paper's Table 1 form (FID against the teacher's own images; gap: per seed "
                   f"FID / FID(standard QAT) - 1, {CONFIDENCE:.0%} t interval over the seed pairs; p: the paired t "
-                  f"test's, Holm-adjusted over every FID gap below).", "",
+                  f"test's, Holm-adjusted over the same schedule's FID gaps in every model and granularity).", "",
                   family_table(model, [r for r in rows if arm(r)[0] == model], teacher, adjusted), ""]
     for model, selection in sections:
         if len(sections) > 1:
