@@ -419,8 +419,10 @@ def train_and_evaluate(args, bindir: Path, env: dict, sweep: Path, train: bool, 
     started = time.perf_counter()
     jobs = sorted(j for j in sweep.iterdir() if (j / "checkpoints").is_dir())
     by_model: dict[str, list[str]] = {}
-    for job in jobs:
-        by_model.setdefault(OmegaConf.load(job / ".hydra" / "config.yaml").model.name, []).append(str(job))
+    for job in jobs:  # this invocation's models only: others sharing --out keep their evaluations
+        model = OmegaConf.load(job / ".hydra" / "config.yaml").model.name
+        if model in args.models:
+            by_model.setdefault(model, []).append(str(job))
     for model, students in sorted(by_model.items()):
         teacher = f"teacher-{model}-val{args.val_seed}-{args.images}"
         if args.workers <= 1:  # one process: the teacher first, then its students
@@ -433,7 +435,8 @@ def train_and_evaluate(args, bindir: Path, env: dict, sweep: Path, train: bool, 
         failed = [p.args for p in procs if p.wait() != 0]
         if failed:
             raise SystemExit(f"fraqat-eval failed: {failed}")
-    timing["evaluation_s"], timing["evaluated_students"] = round(time.perf_counter() - started, 1), len(jobs)
+    timing["evaluation_s"] = round(time.perf_counter() - started, 1)
+    timing["evaluated_students"] = sum(len(students) for students in by_model.values())
 
 
 def evaluate(args, ckpts: list[str], name: str, bindir: Path, env: dict, wait: bool = True, model: str = None):
@@ -512,7 +515,8 @@ def parse_args() -> argparse.Namespace:
                         help="more fraqat-train overrides for every job, e.g. trainable=lora (scripts/compare_lora.py)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--evaluate-only", action="store_true",
-                        help="evaluate and tabulate the students already trained in --out (e.g. after an interruption)")
+                        help="evaluate and tabulate the students of --models already trained in --out (e.g. after an "
+                        "interruption)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="tabulate an existing --out folder (e.g. after evaluating its sweep in parallel)")
     parser.add_argument("--table-from", type=Path, default=None, metavar="PER_SEED_JSON",
