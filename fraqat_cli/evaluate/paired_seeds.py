@@ -38,7 +38,6 @@ def rank(value: str, known: list[str]) -> tuple:
     return (known.index(value), "") if value in known else (len(known), value)
 
 
-
 def paired_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
     """(mean, sd, low, high): Student-t interval for the mean of per-seed paired differences or ratios.
 
@@ -79,7 +78,7 @@ def adjusted_per_schedule(p_values: dict[tuple, float]) -> dict[tuple, tuple[flo
     selection, rounding) over every model and granularity. Per arm: (adjusted p, size of its family)."""
     families: dict[tuple, dict] = {}
     for key, p in p_values.items():
-        model, selection, rounding, schedule, granularity = key
+        _, selection, rounding, schedule, _ = key
         families.setdefault((selection, rounding, schedule), {})[key] = p
     return {key: (p, len(family)) for family in families.values() for key, p in holm(family).items()}
 
