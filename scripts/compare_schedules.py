@@ -193,61 +193,65 @@ def sweep_overrides(model, selection, schedules, seeds, granularities, roundings
             f"hydra.sweep.subdir=${{run_name}}-${{quantizer.rounding}}-{selection}-seed${{seed}}"]
 
 
-def train_and_evaluate(args, bindir: Path, env: dict, sweep: Path, train: bool, timing: dict) -> None:
-    # 1. Multiruns: every model x selection x schedule x granularity (x rounding) x seed, one budget and rate.
+def run_parallel(commands: list[list[str]], env: dict, what: str) -> None:
+    """Run the commands side by side, one thread each, and stop the benchmark if any fails."""
+    single = dict(env, OMP_NUM_THREADS="1")
+    procs = [start(command, single) for command in commands]
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"{what} failed: {failed}")
+
+
+def train_students(args, bindir: Path, env: dict, sweep: Path, timing: dict) -> None:
+    """Multiruns: every model x selection x schedule x granularity (x rounding) x seed, one budget and rate; the
+    seeds of each dealt over --workers one-thread multiruns (tiny models use a second thread badly)."""
     started = time.perf_counter()
-    if train:
-        for overrides in sweeps(args):
-            common = [f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
-                      f"data.num_prompts={args.prompts}", "trainer.enable_progress_bar=false",
-                      f"checkpoint_every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides]
-            parts = split_seeds(overrides, args.workers)
-            if len(parts) == 1:
-                run([str(bindir / "fraqat-train"), "--multirun", *parts[0], *common], env)
-            else:  # the seeds split over parallel one-thread multiruns: tiny models use one core badly
-                single = dict(env, OMP_NUM_THREADS="1")
-                procs = [start([str(bindir / "fraqat-train"), "--multirun", *part, *common], single) for part in parts]
-                failed = [p.args for p in procs if p.wait() != 0]
-                if failed:
-                    raise SystemExit(f"fraqat-train failed: {failed}")
-            timing["training_jobs"] = timing.get("training_jobs", 0) + math.prod(
-                len(o.split("=", 1)[1].split(",")) for o in overrides
-                if o.split("=")[0] in ("schedule", "quantizer", "seed", "quantizer.rounding"))
-        timing["training_s"] = round(time.perf_counter() - started, 1)
-    # 2. FID of the teacher and of every student against the teacher's images for fixed validation prompts.
-    #    Per model, the teacher alone first (it draws and caches the reference images and features), then the
-    #    students split over parallel one-thread processes: Inception features dominate, and two
-    #    single-threaded evals beat one two-threaded one.
+    for overrides in sweeps(args):
+        common = [f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
+                  f"data.num_prompts={args.prompts}", "trainer.enable_progress_bar=false",
+                  f"checkpoint_every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides]
+        commands = [[str(bindir / "fraqat-train"), "--multirun", *part, *common]
+                    for part in split_seeds(overrides, args.workers)]
+        if len(commands) == 1:
+            run(commands[0], env)
+        else:
+            run_parallel(commands, env, "fraqat-train")
+        timing["training_jobs"] = timing.get("training_jobs", 0) + math.prod(
+            len(o.split("=", 1)[1].split(",")) for o in overrides
+            if o.split("=")[0] in ("schedule", "quantizer", "seed", "quantizer.rounding"))
+    timing["training_s"] = round(time.perf_counter() - started, 1)
+
+
+def evaluate_students(args, bindir: Path, env: dict, sweep: Path, timing: dict) -> None:
+    """FID of the teacher and of every student of --models against the teacher's images for fixed validation
+    prompts. Per model, the teacher alone first (it draws and caches the reference images and features), then
+    the students split over --workers one-thread processes: Inception features dominate, and two
+    single-threaded evals beat one two-threaded one."""
     started = time.perf_counter()
-    jobs = sorted(j for j in sweep.iterdir() if (j / "checkpoints").is_dir())
     by_model: dict[str, list[str]] = {}
-    for job in jobs:  # this invocation's models only: others sharing --out keep their evaluations
+    for job in sorted(j for j in sweep.iterdir() if (j / "checkpoints").is_dir()):
         model = OmegaConf.load(job / ".hydra" / "config.yaml").model.name
-        if model in args.models:
+        if model in args.models:  # others sharing --out keep their evaluations
             by_model.setdefault(model, []).append(str(job))
     for model, students in sorted(by_model.items()):
         teacher = f"teacher-{model}-val{args.val_seed}-{args.images}"
         if args.workers <= 1:  # one process: the teacher first, then its students
-            evaluate(args, ["teacher", *students], teacher, bindir, env, model=model)
+            run(eval_command(args, ["teacher", *students], teacher, bindir, model=model), env)
             continue
-        evaluate(args, ["teacher"], teacher, bindir, env, model=model)
+        run(eval_command(args, ["teacher"], teacher, bindir, model=model), env)
         chunks = [students[i::args.workers] for i in range(args.workers)]
-        single = dict(env, OMP_NUM_THREADS="1")
-        procs = [evaluate(args, chunk, str(i), bindir, single, wait=False) for i, chunk in enumerate(chunks) if chunk]
-        failed = [p.args for p in procs if p.wait() != 0]
-        if failed:
-            raise SystemExit(f"fraqat-eval failed: {failed}")
+        run_parallel([eval_command(args, chunk, str(i), bindir) for i, chunk in enumerate(chunks) if chunk], env,
+                     "fraqat-eval")
     timing["evaluation_s"] = round(time.perf_counter() - started, 1)
     timing["evaluated_students"] = sum(len(students) for students in by_model.values())
 
 
-def evaluate(args, ckpts: list[str], name: str, bindir: Path, env: dict, wait: bool = True, model: str = None):
-    command = [str(bindir / "fraqat-eval"), f"ckpt=[{','.join(ckpts)}]", "prompts=shapes_val",
-               f"prompts.count={args.images}", f"prompts.seed={args.val_seed}", "logger=none", "clip.model=null",
-               *([f"model={model}"] if model else []),
-               f"results_csv={args.out.resolve()}/results-{name}.csv",
-               f"hydra.run.dir={args.out.resolve()}/eval-{name}"]
-    return run(command, env) if wait else start(command, env)
+def eval_command(args, ckpts: list[str], name: str, bindir: Path, model: str | None = None) -> list[str]:
+    return [str(bindir / "fraqat-eval"), f"ckpt=[{','.join(ckpts)}]", "prompts=shapes_val",
+            f"prompts.count={args.images}", f"prompts.seed={args.val_seed}", "logger=none", "clip.model=null",
+            *([f"model={model}"] if model else []),
+            f"results_csv={args.out.resolve()}/results-{name}.csv",
+            f"hydra.run.dir={args.out.resolve()}/eval-{name}"]
 
 
 def measured_rows(args, sweep: Path, cache_dir: str, timing: dict) -> tuple[list[dict], list[dict]]:
@@ -343,7 +347,9 @@ def main() -> None:
     timing: dict = {}
 
     if not args.summarize_only:
-        train_and_evaluate(args, bindir, env, sweep, train=not args.evaluate_only, timing=timing)
+        if not args.evaluate_only:
+            train_students(args, bindir, env, sweep, timing)
+        evaluate_students(args, bindir, env, sweep, timing)
     # 3. Held-out distillation loss, and the tables.
     rows, teachers = measured_rows(args, sweep, cache_dir, timing)
     table = summarize(rows, teachers)
