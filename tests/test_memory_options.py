@@ -51,13 +51,8 @@ def test_optim_is_a_group_whose_settings_still_override_and_recipes_still_set():
 
 def state_bytes(optimizer) -> int:
     """Bytes of an optimizer's moments, a tensor subclass counted by the plain tensors inside it."""
-    total = 0
-    for state in optimizer.state.values():
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = state[key]
-            inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
-            total += sum(getattr(t, n).nbytes for n in inner) if inner else t.nbytes
-    return total
+    return sum(inner.nbytes for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")
+               for inner in _plain_tensors(state[key]))
 
 
 def fit_steps(model, optimizer, steps: int, first: int = 0) -> None:
