@@ -70,8 +70,8 @@ def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.dev
         from fraqat_cli.export.deployed import load_deployed
 
         return load_deployed(target.artifact, teacher, first.dtype, device)
-    return rebuild_student(StudentCheckpoint.read(target.checkpoint), teacher, dtype=first.dtype, device=device,
-                           bake=True)
+    stored = StudentCheckpoint.read(target.checkpoint, model=target.config.model)  # the model config it was read with
+    return rebuild_student(stored, teacher, dtype=first.dtype, device=device, bake=True)
 
 
 class Evaluator:

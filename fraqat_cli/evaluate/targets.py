@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.export.deployed import is_artifact
-from fraqat_cli.moved_modules import upgrade_stored_config
+from fraqat_cli.stored_config import trusted_config
 from fraqat_cli.train.checkpointing import StudentCheckpoint
 
 TEACHER = "teacher"
@@ -42,32 +42,26 @@ class EvalTarget:
         return self.artifact or self.checkpoint
 
 
-def checkpoint_target(path: Path, model_name: str | None, sweep_dir: Path | None) -> EvalTarget:
-    """The student in `path` (either checkpoint kind); its tensors are not kept."""
-    stored = StudentCheckpoint.read(path)
-    config = stored.config
-    if model_name and config.model.name != model_name:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is a student of model {config.model.name!r}, not of model={model_name!r}; "
-            f"drop model= or pick a checkpoint of that model"
-        )
-    return EvalTarget(label=stored.label, config=config, checkpoint=Path(path), step=stored.step,
+def checkpoint_target(path: Path, model_cfg: DictConfig | None, sweep_dir: Path | None) -> EvalTarget:
+    """The student in `path` (either checkpoint kind); its tensors are not kept. `model_cfg` (the user's
+    `model=`) must name the checkpoint's model and stands in for the model config the file stored."""
+    stored = StudentCheckpoint.read(path, model=model_cfg)
+    return EvalTarget(label=stored.label, config=stored.config, checkpoint=Path(path), step=stored.step,
                       weight_bits=stored.weight_bits, sweep_dir=sweep_dir)
 
 
-def artifact_target(path: Path, model_name: str | None) -> EvalTarget:
-    """The deployed student in a fraqat-export file; its config is the model config the export stored."""
+def artifact_target(path: Path, model_cfg: DictConfig | None) -> EvalTarget:
+    """The deployed student in a fraqat-export file; its config is the model config the export stored (checked
+    as data, `fraqat_cli.stored_config`), or the user's `model=`, which must name the same model."""
     from fraqat_cli.export.deployed import artifact_info
 
     info = artifact_info(Path(path))
-    if model_name and info["model"] != model_name:
-        raise ValueError(f"{str(path)!r} is an export of model {info['model']!r}, not of model={model_name!r}; "
-                         f"drop model= or pick an export of that model")
-    config = OmegaConf.create({"model": upgrade_stored_config(info["model_config"]),
-                               "schedule": {"name": info.get("schedule")},
-                               "quantizer": {"granularity": info.get("granularity")}})
+    source = f"{str(path)!r}"
+    stored = {"model": info["model_config"], "schedule": {"name": info.get("schedule")},
+              "quantizer": {"granularity": info.get("granularity")}}
+    config = trusted_config(stored, source, model_cfg)
     stem = Path(path).name.replace(".", "-")
-    return EvalTarget(label=f"{info['model']}-{info.get('schedule')}-{info.get('granularity')}-deployed-{stem}",
+    return EvalTarget(label=f"{config.model.name}-{info.get('schedule')}-{info.get('granularity')}-deployed-{stem}",
                       config=config, step=info.get("step"), weight_bits=info.get("weight_bits"),
                       artifact=Path(path).expanduser())
 
@@ -84,9 +78,8 @@ def resolve_targets(ckpt, model_cfg: DictConfig | None) -> list[EvalTarget]:
             targets.append(EvalTarget(label=f"{model_cfg.name}-teacher", config=config))
             continue
         if is_artifact(entry):
-            targets.append(artifact_target(Path(str(entry)), model_cfg.name if model_cfg is not None else None))
+            targets.append(artifact_target(Path(str(entry)), model_cfg))
             continue
         files, sweep_dir = StudentCheckpoint.locate(entry)
-        name = model_cfg.name if model_cfg is not None else None
-        targets.extend(checkpoint_target(f, name, sweep_dir) for f in files)
+        targets.extend(checkpoint_target(f, model_cfg, sweep_dir) for f in files)
     return targets

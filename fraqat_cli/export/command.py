@@ -90,7 +90,7 @@ def export(cfg: DictConfig) -> dict:
     # 1. Everything named must exist and make sense before a model is built.
     check_settings(cfg)
     checkpoint = checkpoint_file(cfg.ckpt)
-    stored = StudentCheckpoint.read(checkpoint)
+    stored = StudentCheckpoint.read(checkpoint, model=cfg.get("model"))  # model=: the user's, not the file's
     out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
     if out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")

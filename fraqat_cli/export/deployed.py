@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fraqat_cli.stored_config import check_transformer_class
+
 SUFFIXES = (".safetensors", ".onnx")
 # Transformer keyword -> the exported graph's input (fraqat_cli.export.onnx_graph.DenoiserGraph's signature) for the
 # families whose `transformer_kwargs` pass the conditioning through unchanged (Sana, PixArt, SD3).
@@ -36,8 +38,8 @@ def artifact_info(path: Path) -> dict:
         from fraqat_cli.export.packed import read_metadata
 
         metadata = read_metadata(path)
-        info = json.loads(metadata.get("info", "{}"))
-        info["format"] = "safetensors"
+        check_transformer_class(metadata.get("transformer_class"), f"{str(path)!r}")  # before anything is built
+        info, fmt = _json_record(metadata.get("info", "{}"), path), "safetensors"
     else:
         import onnx
 
@@ -48,11 +50,21 @@ def artifact_info(path: Path) -> dict:
         if "fraqat_info" not in props:
             raise ValueError(f"{str(path)!r} is not a fraqat export (no fraqat_info metadata); write one with "
                              f"fraqat-export format=onnx or format=onnx_nbits")
-        info = json.loads(props["fraqat_info"])
-        info["format"] = props.get("fraqat_format")
+        info, fmt = _json_record(props["fraqat_info"], path), props.get("fraqat_format")
     if "model_config" not in info:
         raise ValueError(f"{str(path)!r} was written by an older fraqat-export without its model config; "
                          f"export the checkpoint again to evaluate the file")
+    return {**info, "format": fmt}
+
+
+def _json_record(text: str, path: Path) -> dict:
+    """The export's JSON record, which must be an object whose model config (if any) is one too."""
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} holds fraqat metadata that is not JSON ({error})") from error
+    if not isinstance(info, dict) or not isinstance(info.get("model_config", {}), dict):
+        raise ValueError(f"{str(path)!r} holds fraqat metadata of the wrong shape; export the checkpoint again")
     return info
 
 

@@ -12,7 +12,6 @@ and activation quantizer, so the file alone is the model: no checkpoint, no hub.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from torch import nn
 
 from fraqat_cli.export.deployable import deployable_layers, layer_record
@@ -27,6 +27,7 @@ from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import PASS_THROUGH_BITS, QuantConv2d, QuantizedLayer, QuantLinear, QuantSpec
 from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
+from fraqat_cli.stored_config import check_transformer_class
 
 # /2: unquantized tensors in a 16-bit dtype, 1x1 and depthwise convolutions, a record per layer kind.
 FORMAT = "fraqat-packed/2"
@@ -215,9 +216,10 @@ def load_packed(path: Path | str) -> PackedStudent:
 
     path = Path(path).expanduser()
     metadata = read_metadata(path)
-    module, _, name = metadata["transformer_class"].rpartition(".")
+    # a file names its class; only a transformer class a model config of fraqat's names is ever imported
+    cls = get_class(check_transformer_class(metadata.get("transformer_class"), f"{str(path)!r}"))
     with parameters_on_meta():
-        model = getattr(importlib.import_module(module), name).from_config(json.loads(metadata["transformer_config"]))
+        model = cls.from_config(json.loads(metadata["transformer_config"]))
     records = json.loads(metadata["layers"])
     state = {}
     with safe_open(str(path), "pt") as f:

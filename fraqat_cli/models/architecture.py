@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -28,7 +29,11 @@ LAYER_KEYS = ("num_layers", "num_single_layers")
 
 def packaged_config(path: str) -> dict:
     """A config.json shipped inside the package (`path` relative to `fraqat_cli/`), as constructor arguments."""
-    file = resources.files("fraqat_cli") / path
+    package = Path(str(resources.files("fraqat_cli"))).resolve()
+    file = (package / str(path)).resolve()
+    if not file.is_relative_to(package / "assets"):  # a stored config is data: it reads nothing outside the assets
+        raise ValueError(f"architecture file {path!r} is not under the package's assets/; allowed: the shipped "
+                         f"config.json files, e.g. assets/toy/transformer/config.json")
     if not file.is_file():
         raise FileNotFoundError(f"architecture file {path!r} is not in the fraqat_cli package; reinstall fraqat-cli")
     return _constructor_arguments(json.loads(file.read_text()))

@@ -35,7 +35,7 @@ from torch import nn
 
 from fraqat_cli.cli import warn
 from fraqat_cli.files import DiskWriteError, atomic_write, free_bytes
-from fraqat_cli.moved_modules import upgrade_stored_config
+from fraqat_cli.stored_config import trusted_config
 from fraqat_cli.train.optimizers import allow_state_classes
 
 LAST = "last.ckpt"
@@ -133,14 +133,19 @@ class StudentCheckpoint:
         return self.bits[0] if self.bits else None
 
     @classmethod
-    def read(cls, path) -> StudentCheckpoint:
-        """Map `path` (either kind) and keep the student's part; ValueError when it is not a fraqat checkpoint."""
+    def read(cls, path, model: DictConfig | None = None) -> StudentCheckpoint:
+        """Map `path` (either kind) and keep the student's part; ValueError when it is not a fraqat checkpoint.
+
+        The stored config is data (`fraqat_cli.stored_config`): one naming code fraqat's conf/ does not use is
+        refused. `model` (the user's `model=` from the command line) replaces the stored model config.
+        """
         path = Path(path).expanduser()
         raw = load_checkpoint(path, mapped=True)
-        if not isinstance(raw, dict) or "config" not in (raw.get(RECORD) or {}) or "state_dict" not in raw:
+        if not isinstance(raw, dict) or not isinstance(raw.get(RECORD), dict) or "config" not in raw[RECORD] \
+                or not isinstance(raw[RECORD]["config"], dict) or "state_dict" not in raw:
             raise ValueError(f"{str(path)!r} is not a fraqat-train checkpoint (it has no {RECORD!r} record)")
         state = {k.removeprefix(STUDENT): v for k, v in raw["state_dict"].items() if k.startswith(STUDENT)}
-        config = OmegaConf.create(upgrade_stored_config(raw[RECORD]["config"]))  # names from before a module moved
+        config = trusted_config(raw[RECORD]["config"], f"checkpoint {str(path)!r}", model)
         return cls(config=config, state=state, step=int(raw.get("global_step", 0)),
                    path=path, resumable="optimizer_states" in raw, schedule=raw[RECORD].get("schedule"), mapped=True)
 
