@@ -12,7 +12,9 @@ at a time (`ShardedStore`).
 Entries prove themselves before use: every file carries its entry's key in its
 metadata, and a file that cannot be read (truncated by a full disk or a partial
 copy), holds another entry or has the wrong number of rows is recomputed in place,
-with a warning that names it.
+with a warning that names it. A store's index is data, not a list of paths to trust: every file it names must
+lie inside the entry's own folder (`index_files`), so a crafted or damaged index makes its entry corrupt and
+recomputed, and never has a file outside read or deleted.
 """
 
 from __future__ import annotations
@@ -134,8 +136,11 @@ def store_problems(folder: Path, key: str) -> list[tuple[Path, str]]:
     differ in names or shapes from the other shards'. Reads headers only."""
     try:
         index = json.loads((folder / INDEX).read_text())
-        spans = [(folder / s["file"], s["stop"] - s["start"]) for s in index["shards"]]
-        shared = folder / index["shared"] if index["shared"] else None
+        files = index_files(folder, index)
+        spans = [(path, s["stop"] - s["start"]) for path, s in zip(files, index["shards"])]
+        shared = files[-1] if index["shared"] else None
+    except OutsideEntry as error:
+        return [(folder / INDEX, str(error))]
     except (ValueError, KeyError, TypeError) as error:
         return [(folder / INDEX, f"it cannot be read ({error})")]
     if index.get(KEY_FIELD, key) != key:
@@ -149,6 +154,33 @@ def store_problems(folder: Path, key: str) -> list[tuple[Path, str]]:
     problems += [(path, f"its tensors {dict(layout)} differ from the other shards' {dict(usual)}")
                  for path, layout in layouts.items() if layout != usual]
     return problems
+
+
+class OutsideEntry(ValueError):
+    """An index names a file that does not lie inside its entry's folder."""
+
+
+def index_files(folder: Path, index: dict) -> list[Path]:
+    """The files an index names (its shards in order, then the shared file), each one checked to lie inside
+    `folder` once resolved: an absolute name, `..`, or a symlink that leads out raises `OutsideEntry` before
+    anything is read or removed, since a cache may be shared between users and runs."""
+    names = [s["file"] for s in index["shards"]] + ([index["shared"]] if index["shared"] else [])
+    outside = next((name for name in names if not inside(folder, name)), None)
+    if outside is not None:
+        raise OutsideEntry(f"it names {outside!r}, which is not a file inside its folder; only the entry's own "
+                           f"files are read or removed")
+    return [folder / name for name in names]
+
+
+def inside(folder: Path, name) -> bool:
+    """Whether `folder / name` is a file name that, symlinks followed, stays strictly inside `folder`."""
+    if not isinstance(name, str) or not name:
+        return False
+    try:
+        resolved = (folder / name).resolve()
+        return resolved.is_relative_to(folder.resolve()) and not resolved.is_dir()  # the folder itself, too
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def _layout(path: Path) -> tuple:
@@ -192,7 +224,7 @@ def _whole(path: Path, key: str, rows: int | None = None) -> bool:
     """A file already there (an interrupted build's) that can serve; one that cannot is named and replaced."""
     if not path.is_file():
         return False
-    problem = file_problem(path, key, rows)
+    problem = file_problem(path, key, rows) if inside(path.parent, path.name) else "it leads outside its folder"
     if problem is not None:
         warn(f"cache entry {str(path)!r}: {problem}; recomputing it")
     return problem is None
@@ -214,6 +246,10 @@ class ShardedStore(Dataset):
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         index = json.loads((self.folder / INDEX).read_text())
+        try:
+            index_files(self.folder, index)  # checked again: another process may have rewritten it since
+        except OutsideEntry as error:
+            raise ValueError(f"cache file {str(self.folder / INDEX)!r}: {error}; run again to recompute it") from error
         self.rows, self.shared_file = index["rows"], index["shared"]
         self.files = [s["file"] for s in index["shards"]]
         self.starts = [s["start"] for s in index["shards"]]
@@ -222,11 +258,10 @@ class ShardedStore(Dataset):
     def is_complete(folder: Path) -> bool:
         """An index, and every file it names on disk."""
         try:
-            index = json.loads((folder / INDEX).read_text())
-            names = [s["file"] for s in index["shards"]] + ([index["shared"]] if index["shared"] else [])
+            files = index_files(folder, json.loads((folder / INDEX).read_text()))
         except (OSError, ValueError, KeyError, TypeError):  # missing, or damaged (`store_problems` says how)
             return False
-        return all((folder / name).is_file() for name in names)
+        return all(path.is_file() for path in files)
 
     def __len__(self) -> int:
         return self.rows

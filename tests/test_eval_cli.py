@@ -16,7 +16,7 @@ from PIL import Image
 from train_support import FAST, cli_env, fraqat_train, train_sweep
 
 from fraqat_cli.data.conditioning import prompt_conditioning
-from fraqat_cli.evaluate.command import CSV_COLUMNS, append_csv, evaluate
+from fraqat_cli.evaluate.command import CSV_COLUMNS, evaluate, update_csv
 from fraqat_cli.evaluate.comparison import comparison_table
 from fraqat_cli.models.generation import generate
 from fraqat_cli.models.loading import load_model
@@ -130,7 +130,7 @@ def test_prompts_without_ground_truth_keep_the_table_as_it_was():
 def test_a_csv_from_before_the_new_columns_gets_them_and_keeps_its_rows(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("label,model,fid\r\nold,toy,3.5\r\n")
-    append_csv(path, [{"label": "new", "model": "toy", "fid": 2.0, "fid_val": 30.0}])
+    update_csv(path, [{"label": "new", "model": "toy", "fid": 2.0, "fid_val": 30.0}])
     with open(path) as f:
         reader = csv.DictReader(f)
         rows = list(reader)

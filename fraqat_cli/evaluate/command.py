@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from filelock import FileLock
 from omegaconf import DictConfig
 
 from fraqat_cli.checks import positive_int
@@ -39,7 +40,11 @@ CSV_COLUMNS = (
     "seed",
     "checkpoint",
     "images_dir",
+    "digest",
+    "protocol",
 )
+# A row stands for one model measured one way: a result with the same values replaces it.
+ROW_KEY = ("label", "checkpoint", "digest", "protocol")
 
 # logged and printed, when present
 SUMMARY_METRICS = ("fid", "kid", "clip_score", "clip_fid", "fid_val", "attribute_accuracy")
@@ -88,7 +93,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
     # 2. Each target: images, metrics, files.
     results = [evaluator.evaluate(target) for target in targets]
-    append_csv(Path(cfg.results_csv), results)
+    update_csv(Path(cfg.results_csv), results)
     print("\n" + comparison_table(results))
     for warning in evaluator.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -100,15 +105,24 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     return results
 
 
-def append_csv(path: Path, results: list[dict]) -> None:
-    """Add one row per result to the cross-run CSV (rewritten whole, atomically, under today's columns:
-    rows from before a column was added keep it empty)."""
-    old_rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(old_rows + results)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+def update_csv(path: Path, results: list[dict]) -> None:
+    """Put one row per result in the cross-run CSV: a result replaces the row of the same model measured the
+    same way (`ROW_KEY`), else it is added. Read, changed and rewritten whole under a file lock, so evals that
+    finish together each keep their rows, and atomically; rows from before a column was added keep it empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        old_rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        latest = {_row_key(r): r for r in results}  # a model named twice in one eval: one row
+        writer.writerows([r for r in old_rows if _row_key(r) not in latest] + list(latest.values()))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def _row_key(row: dict) -> tuple[str, ...]:
+    """`ROW_KEY`'s values as the CSV holds them (None is an empty cell)."""
+    return tuple("" if row.get(k) is None else str(row[k]) for k in ROW_KEY)
 
 
 def log_results(cfg: DictConfig, results: list[dict]) -> None:

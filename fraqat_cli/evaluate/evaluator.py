@@ -1,10 +1,11 @@
 """Evaluate one model: generate images for a seeded prompt set, then FID/KID and CLIP score.
 
 Images are written one file per prompt, atomically, so an interrupted eval
-resumes where it stopped. The teacher's images for a prompt set and sampler
-are generated once and cached; they are the paper's FID reference. A prompt
-set with ground-truth scenes adds FID against the rendered scenes (`fid_val`)
-and attribute accuracy (`fraqat_cli.evaluate.ground_truth`).
+resumes where it stopped. They are kept under a key of what made them, the evaluated model's content
+included (`fraqat_cli.evaluate.content`): a student retrained in place gets new images, never the old
+ones. The teacher's images for a prompt set and sampler are generated once and cached; they are the
+paper's FID reference. A prompt set with ground-truth scenes adds FID against the rendered scenes
+(`fid_val`) and attribute accuracy (`fraqat_cli.evaluate.ground_truth`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fraqat_cli.cache import cache_key
+from fraqat_cli.cli import warn
 from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.evaluate.content import content_digest
 from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
 from fraqat_cli.evaluate.targets import EvalTarget
@@ -97,15 +100,16 @@ class Evaluator:
 
             self.clip_features = CLIPImageFeatures(*clip).to(device)
 
-    def features(self, folder: Path, files: list[Path], clip: bool = False) -> np.ndarray:  # noqa: F821
-        """Inception (or, `clip`, CLIP image) features of a folder's images, cached beside them per extractor."""
-        import numpy as np
-
+    def features(self, folder: Path, files: list[Path], clip: bool = False) -> np.ndarray:
+        """Inception (or, `clip`, CLIP image) features of a folder's images, cached beside them per extractor
+        and per set of files as they are on disk (names, sizes, modification times: an image replaced in a
+        reference folder is a new set). A cache file that cannot serve is named and recomputed."""
         name = f"clip {self.cfg.clip.model}" if clip else self.extractor_name
         extractor = self.clip_features if clip else self.extractor
-        cache = folder / f"features-{cache_key({'x': name, 'n': len(files)})}.npy"
-        if cache.is_file():
-            return np.load(cache)
+        stats = [(f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+        cache = folder / f"features-{cache_key({'x': name, 'n': len(files), 'files': stats})}.npy"
+        if cache.is_file() and (cached := cached_features(cache, len(files))) is not None:
+            return cached
         features = files_features(files, extractor, self.device, self.cfg.fid.batch_size, verbose=True)
 
         def write(tmp: str) -> None:
@@ -118,6 +122,7 @@ class Evaluator:
     def evaluate(self, target: EvalTarget) -> dict:
         cfg, model_cfg = self.cfg, target.config.model
         started = time.time()
+        digest = content_digest(target)  # once per target: what its images, features and CSV row belong to
         conditioning = prompt_conditioning(model_cfg, self.prompts, cfg.cache_dir, device=self.device)
         model = load_model(model_cfg)
         pipe = model.pipe.to(self.device)
@@ -132,7 +137,7 @@ class Evaluator:
             out_dir, files = Path(cfg.out_dir) / target.label, teacher_files
         else:
             home = target.artifact.parent if target.artifact else StudentCheckpoint.run_folder(target.checkpoint)
-            out_dir = home / "eval" / self.image_key(model_cfg, target)
+            out_dir = home / "eval" / self.image_key(model_cfg, digest)
             skeleton = model_skeleton(pipe.transformer)
             pipe.transformer = None  # the teacher's weights go before the student's arrive
             pipe.transformer = load_student(target, skeleton, self.device)
@@ -143,20 +148,17 @@ class Evaluator:
         atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         # 3. Metrics, and what they were measured on.
         results = {**self.metrics(files, teacher_dir, teacher_files, images),
-                   **self.description(target, files, out_dir), "seconds": round(time.time() - started, 1)}
+                   **self.description(target, files, out_dir), "digest": digest,
+                   "seconds": round(time.time() - started, 1)}
         atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         return results
 
-    def image_key(self, model_cfg: DictConfig, target: EvalTarget | None = None) -> str:
-        """What a folder of images depends on: model, sampler, seeds, prompts (and the student's checkpoint)."""
+    def image_key(self, model_cfg: DictConfig, student: str | None = None) -> str:
+        """What a folder of images depends on: model, sampler, seeds, prompts, and for a student the digest of
+        its content (`content_digest`), not its file's path or step: retrained in place, it is another model."""
         parts = {"model": model_identity(model_cfg), "sampler": OmegaConf.to_container(model_cfg.sampler),
                  "seeds": self.seeds, "prompts": self.prompts}
-        if target is not None:
-            parts = {"ckpt": str(target.source.resolve()), "step": target.step, **parts}
-            if target.artifact is not None:  # a re-export in place is another model: its images are redone
-                stat = target.artifact.stat()
-                parts["artifact"] = [stat.st_size, stat.st_mtime_ns]
-        return cache_key(parts)
+        return cache_key(parts if student is None else {"student": student, **parts})
 
     def description(self, target: EvalTarget, files: list[Path], out_dir: Path) -> dict:
         return {
@@ -169,10 +171,20 @@ class Evaluator:
             "num_images": len(files),
             "seed": self.cfg.seed,
             "prompt_set": OmegaConf.to_container(self.cfg.prompts),
+            "protocol": self.protocol(target.config.model, len(files)),
             "images_dir": str(files[0].parent),
             "grid": str(out_dir / "grid.png"),
             "versions": package_versions(),
         }
+
+    def protocol(self, model_cfg: DictConfig, count: int) -> str:
+        """A key of how a model was measured (prompts, seeds, image count, sampler, reference, feature
+        networks): with the model's digest, it says which `results.csv` row a result replaces."""
+        cfg = self.cfg
+        return cache_key({"prompts": OmegaConf.to_container(cfg.prompts), "seed": cfg.seed, "images": count,
+                          "sampler": OmegaConf.to_container(model_cfg.sampler), "reference": cfg.reference,
+                          "reference_stats": cfg.reference_stats, "reference_dir": cfg.reference_dir,
+                          "fid": self.extractor_name, "clip": cfg.clip.model})
 
     def metrics(self, files, teacher_dir, teacher_files, images) -> dict:
         from fraqat_cli.evaluate.metrics import load_reference_stats
@@ -237,6 +249,25 @@ class Evaluator:
         files = scene_image_files(self.scenes, self.cfg.cache_dir)
         reference = self.features(files[0].parent, files)
         return {"fid_val": fid_from_features(features, reference), **attribute_scores(images, self.scenes)}
+
+
+def cached_features(path: Path, rows: int) -> np.ndarray | None:
+    """The (rows, D) float features stored in `path`, or None, with a warning naming the file, when it cannot
+    serve (cut short by a full disk or a copy, another array, or not an array at all: never unpickled)."""
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        problem = f"it cannot be read ({(str(error).strip().splitlines() or [type(error).__name__])[0]})"
+    else:
+        if hasattr(features, "close"):  # an .npz archive under the name: not ours
+            features.close()
+        if isinstance(features, np.ndarray) and features.ndim == 2 and len(features) == rows \
+                and np.issubdtype(features.dtype, np.floating):
+            return features
+        shape = getattr(features, "shape", type(features).__name__)
+        problem = f"it holds {shape} {getattr(features, 'dtype', '')} values, not ({rows}, features) floats"
+    warn(f"cache entry {str(path)!r}: {problem}; recomputing it")
+    return None
 
 
 def package_versions() -> dict:
