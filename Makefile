@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install train export test lint bench bench-quality clean
+.PHONY: install train export test test-all docs lint bench bench-quality clean
 
 install: $(STAMP)
 
@@ -36,9 +36,17 @@ export: install
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx_nbits
 
 # Two workers, one per core (each test process runs torch on one thread); a test file stays on one worker,
-# so its module fixtures (a trained sweep, say) are built once.
+# so its module fixtures (a trained sweep, say) are built once. `make test` is the fast tier: everything but the
+# end-to-end runs marked `slow`; `make test-all` (what CI runs) adds them.
 test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+test-all: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The docs site (mkdocs-material) into site/; --strict turns a broken link or anchor into a failure.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -54,4 +62,4 @@ bench-quality: install
 	$(PY) scripts/compare_schedules.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache site
