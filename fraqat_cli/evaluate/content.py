@@ -63,7 +63,11 @@ def files_digest(paths: list[Path]) -> str:
 
 
 def artifact_files(path: Path) -> list[Path]:
-    """An exported file and, for an ONNX graph past protobuf's 2 GiB, its tensors' side file (`<file>.data`)."""
+    """An exported file and, for an ONNX graph past protobuf's 2 GiB, its tensors' side file (`<file>.data`);
+    for a `format=diffusers` folder, its transformer's files (the pipeline's other parts are the teacher's)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        return sorted(p for p in folder.iterdir() if p.is_file())
     side = path.with_name(path.name + ".data")
     return [path, side] if path.suffix == ".onnx" and side.is_file() else [path]
