@@ -25,6 +25,9 @@ DISK_REASONS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
 }
+# `atomic_write`'s temporary files: `.<name>.<8 characters of mkstemp>.tmp` beside the file they become.
+TEMP_SUFFIX = ".tmp"
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
 # A writer that reports a failed write without its OSError (torch.save: "unexpected pos") is taken to have hit a
 # full disk when the folder has less than this left at the moment it failed.
 NEARLY_FULL_BYTES = 1 << 20
@@ -34,20 +37,21 @@ class DiskWriteError(OSError, ExpectedFailure):
     """A file could not be written for a reason that lies with the disk; the message says which and where."""
 
     def __init__(self, path: Path, code: int, needed: int | None = None, free: int | None = None,
-                 note: str | None = None, folder: bool = False) -> None:
-        self.path, self.needed, self.free = Path(path), needed, free
+                 note: str | None = None, folder: bool = False, reason: str | None = None) -> None:
+        self.path, self.needed, self.free, self.reason = Path(path), needed, free, reason
         detail = []
         if needed:
             detail.append(f"it needs {_mib(needed)}")
         if free is not None and code in (errno.ENOSPC, errno.EDQUOT):
             detail.append(f"{_mib(free)} free")
         where = f"in folder {str(self.path)!r}" if folder else repr(str(self.path))
-        message = f"cannot write {where}: {DISK_REASONS[code]}" + (f" ({', '.join(detail)})" if detail else "")
+        message = f"cannot write {where}: {reason or DISK_REASONS[code]}"
+        message += f" ({', '.join(detail)})" if detail else ""
         super().__init__(code, message + (f"; {note}" if note else ""))
 
     def with_note(self, note: str) -> DiskWriteError:
         """The same error with `note` (e.g. which checkpoint is still good) after the reason."""
-        return DiskWriteError(self.path, self.errno, self.needed, self.free, note)
+        return DiskWriteError(self.path, self.errno, self.needed, self.free, note, reason=self.reason)
 
     def __str__(self) -> str:
         return self.strerror
@@ -65,7 +69,7 @@ def atomic_write(path: Path, write: Callable[[str], None], size: int | None = No
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result should not be
@@ -124,9 +128,44 @@ def check_writable(folder: Path, note: str | None = None) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
+        if (in_the_way := not_a_folder(folder)) is not None:  # mkdir's FileExistsError, or ELOOP: name the cause
+            raise DiskWriteError(folder, error.errno, note=note, folder=True, reason=in_the_way) from error
         if error.errno not in DISK_REASONS:
             raise
         raise DiskWriteError(folder, error.errno, note=note, folder=True) from error
+
+
+def not_a_folder(folder: Path) -> str | None:
+    """Why `folder` (or the nearest of its parents that exists) cannot be a folder, in words; None when nothing
+    is in the way."""
+    for path in (Path(folder), *Path(folder).parents):
+        if not os.path.lexists(path):
+            continue
+        if os.path.isdir(path):  # follows links: a loop or a dangling link is not one
+            return None
+        try:
+            os.stat(path)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return f"{str(path)!r} is a symbolic link that loops back on itself"
+            if os.path.islink(path):
+                return f"{str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist"
+            return None
+        return f"{str(path)!r} is a file, not a folder"
+    return None
+
+
+def remove_leftover_temporaries(folder: Path) -> tuple[int, int]:
+    """Remove the temporary files that writes killed part-way (`atomic_write`) left in `folder`: (files, bytes).
+
+    Only for a folder no live writer uses (a run folder whose lock this process holds)."""
+    count = size = 0
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        if TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            size += _size(str(path))
+            path.unlink(missing_ok=True)
+            count += 1
+    return count, size
 
 
 def _size(path: str) -> int:

@@ -170,7 +170,7 @@ def cli_run(tmp_path_factory, cache_dir):
     first = fraqat_train([*args, "trainer.max_steps=5"], cwd=work, cache_dir=cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     files = sorted(p.name for p in (work / "run" / "checkpoints").iterdir())
-    resumed = fraqat_train([*args, "trainer.max_steps=7"], cwd=work, cache_dir=cache_dir)
+    resumed = fraqat_train([*args, "trainer.max_steps=7", "resume=force"], cwd=work, cache_dir=cache_dir)  # 2 more
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return work, first.stdout, files
 

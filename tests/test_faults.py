@@ -155,7 +155,9 @@ def test_a_truncated_last_checkpoint_resumes_from_the_newest_readable_one(good_r
     last = run / "checkpoints" / LAST
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
-    result = fraqat_train([*TOY, "trainer.max_steps=6", f"hydra.run.dir={run}"], cwd=tmp_path, cache_dir=toy_cache)
+    # 2 steps more than the run was trained for: another run's config, continued on purpose (resume=force)
+    result = fraqat_train([*TOY, "trainer.max_steps=6", "resume=force", f"hydra.run.dir={run}"], cwd=tmp_path,
+                          cache_dir=toy_cache)
 
     assert result.returncode == 0, result.stderr[-3000:]
     step4 = run / "checkpoints" / "step-000004.ckpt"
@@ -164,6 +166,7 @@ def test_a_truncated_last_checkpoint_resumes_from_the_newest_readable_one(good_r
         f"archive: failed finding central directory)",
         f"warning: resuming from {str(step4)!r} (step 4), the newest checkpoint that can be read: it holds the "
         f"student alone, so its weights, step and bit-width continue and AdamW's moments start from zero",
+        f"warning: resume=force: resuming {str(step4)!r}, trained with another config (trainer.max_steps 4 -> 6)",
     ]
     newest_log = sorted(run.glob("csv/version_*/metrics.csv"))[-1]
     assert [int(r["step"]) for r in csv.DictReader(newest_log.open()) if r["train/loss"]] == [4, 5]  # not from 0

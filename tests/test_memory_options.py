@@ -251,7 +251,7 @@ def test_lora_with_8bit_adamw_trains_resumes_evaluates_and_exports_the_toy(tmp_p
     first = fraqat_train([*args, "trainer.max_steps=2"], cwd=tmp_path, cache_dir=cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "LoRA-QAT rank 32 (alpha 64)" in first.stdout
-    resumed = fraqat_train([*args, "trainer.max_steps=4"], cwd=tmp_path, cache_dir=cache_dir)
+    resumed = fraqat_train([*args, "trainer.max_steps=4", "resume=force"], cwd=tmp_path, cache_dir=cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and json.loads((run / "metrics.json").read_text())["steps"] == 4
     stored = load_checkpoint(run / "checkpoints" / LAST)

@@ -49,7 +49,7 @@ def test_a_sharded_student_draws_sample_grids_and_writes_readable_checkpoints(sh
 @pytest.mark.slow
 def test_a_sharded_run_resumes_where_it_stopped(sharded_and_replicated, cache_dir):
     work, fsdp, _ = sharded_and_replicated
-    _, result = run(work, cache_dir, "fsdp", "trainer=fsdp", "trainer.max_steps=5")
+    _, result = run(work, cache_dir, "fsdp", "trainer=fsdp", "trainer.max_steps=5", "resume=force")  # 2 more
     assert "resuming from" in result.stdout
     assert load_checkpoint(fsdp / "checkpoints" / "last.ckpt")["global_step"] == 5
 

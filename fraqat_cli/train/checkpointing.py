@@ -92,6 +92,9 @@ def load_checkpoint(path, map_location="cpu", mapped: bool = False) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; give a .ckpt written by fraqat-train")
+    if (kind := not_a_torch_file(path)) is not None:  # else torch's cause would be about mmap or pickle
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read as a fraqat checkpoint: it is not a torch "
+                         f"checkpoint file ({kind}); give a .ckpt written by fraqat-train")
     allow_state_classes(path)  # 8-bit optimizer moments (optim=adamw8bit) are tensor subclasses
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
@@ -99,6 +102,23 @@ def load_checkpoint(path, map_location="cpu", mapped: bool = False) -> dict:
         raise ValueError(
             f"checkpoint {str(path)!r} cannot be read as a fraqat checkpoint ({type(error).__name__}: {error})"
         ) from error
+
+
+# torch.save writes a zip archive; what other files a user may pass as `ckpt` start with, named in the refusal
+ZIP_MAGIC = b"PK\x03\x04"
+OTHER_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+               b"%PDF": "a PDF document"}
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """What `path` is instead of a torch checkpoint (a zip archive), in words; None when it starts as one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(ZIP_MAGIC):
+        return None
+    if not head:
+        return "it is empty"
+    return next((name for magic, name in OTHER_MAGIC.items() if head.startswith(magic)), "it does not start as one")
 
 
 def stamp_record(checkpoint: dict, record: dict) -> None:
@@ -227,7 +247,8 @@ def _libc() -> ctypes.CDLL:
 
 
 def resume_path(resume, checkpoint_dir: Path) -> str | None:
-    """`resume`: null (start fresh), `auto` or a path.
+    """`resume`: null (start fresh), `auto`, `force` (as auto; `run_config.check_same_run` then lets a run of
+    another config continue) or a path.
 
     `auto` resumes from the newest checkpoint of the run folder that can be read: `last.ckpt` (written
     after the step checkpoints of its step, so never older), else the step checkpoints, newest first.
@@ -235,7 +256,7 @@ def resume_path(resume, checkpoint_dir: Path) -> str | None:
     """
     if resume in (None, False, "null", "none"):
         return None
-    if resume == "auto":
+    if resume in ("auto", "force"):
         unreadable = []
         for path in checkpoint_files(checkpoint_dir):
             try:
@@ -255,7 +276,7 @@ def resume_path(resume, checkpoint_dir: Path) -> str | None:
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"resume={str(resume)!r} is not a checkpoint file; allowed: null, auto, or a .ckpt path"
+            f"resume={str(resume)!r} is not a checkpoint file; allowed: null, auto, force, or a .ckpt path"
         )
     step, resumable = read_head(path)
     if not resumable:
@@ -287,6 +308,14 @@ def read_head(path: Path) -> tuple[int, bool]:
     if not isinstance(raw, dict) or "state_dict" not in raw or RECORD not in raw:
         raise ValueError(f"checkpoint {str(path)!r}: it is not a fraqat-train checkpoint")
     return int(raw.get("global_step", 0)), "optimizer_states" in raw
+
+
+def stored_run(path) -> tuple[int, dict]:
+    """(step, resolved config) a readable fraqat checkpoint records: plain data, compared, never instantiated."""
+    from fraqat_cli.moved_modules import upgrade_stored_config  # names from before a module moved
+
+    raw = load_checkpoint(path, mapped=True)
+    return int(raw.get("global_step", 0)), upgrade_stored_config(raw[RECORD]["config"])
 
 
 def describe_last_good(checkpoint_dir: Path) -> str:

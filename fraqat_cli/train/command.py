@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
-from fraqat_cli.files import atomic_write
+from fraqat_cli.errors import ExpectedFailure
+from fraqat_cli.files import atomic_write, not_a_folder
 from fraqat_cli.train.run_length import check_run_length, run_length
 from fraqat_cli.train.sweep import METRICS_FILE
 
@@ -62,25 +64,50 @@ def check_numbers(cfg: DictConfig) -> None:
     attention_backends(cfg.attention_backends)
     held_out_rows(2, cfg.validation.share, 0)  # the share's range, checked before any model is built
     build_quant_config(cfg.quantizer, cfg.selection)  # granularity, rounding, layer kinds: before any folder
+    if (in_the_way := not_a_folder(Path(str(cfg.cache_dir)).expanduser())) is not None:  # a link loop, a file
+        raise ValueError(f"cache_dir={str(cfg.cache_dir)!r} cannot be a folder: {in_the_way}; choose another cache_dir")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics."""
-    import lightning as L
+    """Distil `cfg.model`'s teacher into a quantized student along `cfg.schedule`; return final metrics.
 
+    The run folder is this run's alone while it trains (`run_folder`); a folder whose run is another config's
+    is refused, and one whose run has finished gives its result without training again."""
     from fraqat_cli.files import check_writable
     from fraqat_cli.train.checkpointing import resume_path
-    from fraqat_cli.train.plan import check_before_training
 
     # 1. Everything that can be wrong with the config fails here, before a model is built.
     check_numbers(cfg)
     schedule, source = instantiate_or_raise(cfg.schedule), instantiate_or_raise(cfg.data)
     run_dir = output_dir()
     check_writable(run_dir / "checkpoints", "nothing was trained: make it writable or choose another hydra.run.dir")
-    ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")  # the newest readable one, when resuming
+    from fraqat_cli.train.run_config import previous_result
+    from fraqat_cli.train.run_folder import own_run_folder, remove_leftovers
+
+    try:
+        with own_run_folder(run_dir) as hydra_files:
+            remove_leftovers(run_dir)
+            ckpt_path = resume_path(cfg.resume, run_dir / "checkpoints")  # the newest readable one, when resuming
+            if ckpt_path and (result := previous_result(cfg, ckpt_path, run_dir)) is not None:
+                return result
+            hydra_files.adopt()
+            return fit(cfg, schedule, source, run_dir, ckpt_path)
+    except KeyboardInterrupt:  # Ctrl-C before the first step (Lightning turns one during fit into an exit)
+        raise TrainingInterrupted("interrupted before training started; run the same command again") from None
+
+
+class TrainingInterrupted(RuntimeError, ExpectedFailure):
+    """Ctrl-C (SIGINT): one line saying where the run stopped and how it goes on."""
+
+
+def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None) -> dict:
+    """Build the data, models and trainer, train from `ckpt_path` (or afresh), and report."""
+    import lightning as L
+
+    from fraqat_cli.train.plan import check_before_training
+
     check_before_training(cfg)  # on a GPU: a warning when the traced step will not fit its memory (fraqat-plan)
     L.seed_everything(cfg.seed, workers=True)
-
     # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
     data = prepare_data(cfg, source)
     # 3. Teacher (frozen, inference dtype) and student (float32, quantized from the schedule's first bits).
@@ -88,12 +115,31 @@ def train(cfg: DictConfig) -> dict:
     # 4. The trainer; its device count sets the accumulation that reaches the global batch, and the steps.
     trainer, stats = make_trainer(cfg, data, schedule, module.student, run_dir)
     fix_run_length(cfg, trainer, module, len(data.dataset))
-    # 5. Fit; last.ckpt resumable (optimizer, loop position), step checkpoints the student alone.
+    # 5. Fit; last.ckpt resumable (optimizer, loop position, random state), step checkpoints the student alone.
     if ckpt_path:
         print(f"resuming from {ckpt_path}")
-    trainer.fit(module, train_dataloaders=data.loader(), ckpt_path=ckpt_path)
+    # Lightning warns that a run resumed mid-epoch sees other data unless its loader is resumable; ours resumes
+    # the epoch's order where it stopped (`rng_state.TrainingOrder`), DDP's sampler aside.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    try:
+        trainer.fit(module, train_dataloaders=data.loader(trainer.world_size > 1), ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's answer to Ctrl-C: a clean shutdown, then exit(1)
+            raise TrainingInterrupted(interrupted_at(trainer, run_dir / "checkpoints")) from None
+        raise
     # 6. Report.
     return report(cfg, trainer, schedule, summary, stats, run_dir)
+
+
+def interrupted_at(trainer, checkpoint_dir: Path) -> str:
+    from fraqat_cli.train.checkpointing import LAST, read_head
+
+    message = f"interrupted at step {trainer.global_step}; resume with the same command"
+    try:
+        step, _ = read_head(checkpoint_dir / LAST)
+    except (ValueError, FileNotFoundError):
+        return message + " (no checkpoint was written yet: it starts afresh)"
+    return message + f" (it continues from step {step}, the last checkpoint)"
 
 
 @dataclass
@@ -106,14 +152,21 @@ class TrainingData:
     batch_size: int
     num_workers: int
     grid: object  # Conditioning: the sample grid's prompts, in memory
+    order: object  # TrainingOrder: the rows' order in each epoch, from the seed alone (`rng_state`)
     held_out: object = None  # rows never trained on: the validation loss's (`fraqat_cli.train.validation`)
 
-    def loader(self):
+    def loader(self, distributed: bool = False):
+        """Batches in `order`, resumable mid-epoch; `distributed`: Lightning shards the rows over the ranks with
+        its `DistributedSampler` (shuffled by seed and epoch) instead."""
         import torch
 
+        drop_last = len(self.dataset) >= self.batch_size
+        if distributed:
+            return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
+                                               num_workers=self.num_workers, drop_last=drop_last)
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            drop_last=len(self.dataset) >= self.batch_size,
+            self.dataset, batch_size=self.batch_size, sampler=self.order, num_workers=self.num_workers,
+            drop_last=drop_last, generator=torch.Generator().manual_seed(self.order.seed),  # not the global RNG
         )
 
 
@@ -122,17 +175,24 @@ def prepare_data(cfg: DictConfig, source) -> TrainingData:
     from fraqat_cli.data.sources import ConditionedLatents
     from fraqat_cli.models.embeddings import Conditioning
     from fraqat_cli.models.loading import load_model
+    from fraqat_cli.train.rng_state import TrainingOrder
     from fraqat_cli.train.validation import split_rows
 
+    prompts = source.prompts()
+    if len(prompts) < 2 and cfg.validation.share > 0:  # held_out_rows would hold none out, silently
+        raise ValueError(f"data gives {len(prompts)} prompt(s): too few to hold out validation.share="
+                         f"{cfg.validation.share} of them for the validation loss; allowed: 2 prompts or more "
+                         f"(data.num_prompts), or validation.share=0")
     noise = instantiate(cfg.model.noise)
-    conditioning = conditioning_store(cfg.model, source.prompts(), cfg.cache_dir)
+    conditioning = conditioning_store(cfg.model, prompts, cfg.cache_dir)
     model = load_model(cfg.model)
     latents = source.latent_store(model, conditioning, cfg.cache_dir, cfg.seed)
     noise.bind(model.pipe.scheduler.config)
     rows = ConditionedLatents(conditioning, latents)
     train_rows, held_out = split_rows(rows, cfg.validation.share, cfg.validation.seed)
     grid = Conditioning(conditioning.read(0, cfg.num_sample_images), conditioning.shared())
-    return TrainingData(model, noise, train_rows, source.batch_size, source.num_workers, grid, held_out)
+    order = TrainingOrder(len(train_rows), cfg.seed)
+    return TrainingData(model, noise, train_rows, source.batch_size, source.num_workers, grid, order, held_out)
 
 
 def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
@@ -167,11 +227,13 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     from fraqat_cli.train.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
     from fraqat_cli.train.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, report_checkpoint_space
     from fraqat_cli.train.divergence import divergence_guard
+    from fraqat_cli.train.rng_state import RandomState
     from fraqat_cli.train.validation import HeldOutLoss
 
     report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
     stats = StepStats()
-    callbacks = [stats, BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
+    callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
+                 *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
     if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
         callbacks.append(guard)
     if data.held_out is not None:
