@@ -28,12 +28,17 @@ train: install
 	$(VENV)/bin/fraqat-eval 'ckpt=[runs/default,teacher]' model=toy
 
 # Deployable files of the default run's student: 4-bit codes with the rest in 16 bits (safetensors), a QDQ ONNX
-# graph, and the ONNX graph onnxruntime runs with its 4-bit weights packed (MatMulNBits).
+# graph, the ONNX graph onnxruntime runs with its 4-bit weights packed (MatMulNBits), a GGUF file for diffusers'
+# from_single_file (and ComfyUI), and a diffusers folder (torchao int weights) that from_pretrained loads.
 # `fraqat-eval ckpt=runs/default/export/student.safetensors` then evaluates the deployed file itself.
 export: install
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=safetensors
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx
 	$(VENV)/bin/fraqat-export ckpt=runs/default format=onnx_nbits
+	$(VENV)/bin/fraqat-export ckpt=runs/default format=gguf
+	# fraqat-export refuses to write into an existing folder: the target regenerates its own
+	rm -rf runs/default/export/diffusers
+	$(VENV)/bin/fraqat-export ckpt=runs/default format=diffusers
 
 # Two workers, one per core (each test process runs torch on one thread); a test file stays on one worker,
 # so its module fixtures (a trained sweep, say) are built once. `make test` is the fast tier: everything but the

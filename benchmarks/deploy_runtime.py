@@ -10,8 +10,16 @@ onnxruntime, (c) the fake-quantized PyTorch student (as trained: W4 per-channel,
   initializers), and the peak RSS growth of a fresh process that builds the variant and runs one step.
 Then a single layer, MatMulNBits against an fp32 MatMul on the same tokens, over widths: the crossover.
 
-    python benchmarks/deploy_runtime.py           # toy, 7 M PixArt, a width-1024 PixArt, layer sweep (~5 min)
-    python benchmarks/deploy_runtime.py --smoke   # a tiny PixArt, 3 reps, seconds
+Then the runtimes users run (`--section diffusers`): the same transformer in diffusers' own loaders, each in
+the same process, against the bfloat16 teacher folder (what the real models ship): (e) the bf16 teacher,
+(f) `fraqat-export format=diffusers`'s torchao folder (`from_pretrained`, IntxUnpackedToInt8Tensor weights, bf16
+compute) and (g) `format=gguf` (`from_single_file`, GGUFLinear, bf16 compute): one denoiser step (median over
+`--reps` interleaved rounds), and from fresh processes that import nothing of fraqat, load time, the weights'
+bytes in memory and the peak RSS growth of loading plus one step.
+
+    python benchmarks/deploy_runtime.py           # toy, 7 M PixArt, a width-1024 PixArt, layer sweep, diffusers
+    python benchmarks/deploy_runtime.py --smoke   # a tiny PixArt and a tiny FLUX, 3 reps, seconds
+    python benchmarks/deploy_runtime.py --section diffusers   # the diffusers runtimes only (toy, a 512-wide FLUX)
 
 Targets (issue 13): (d)'s resident weights at most 0.35x (b)'s; at width >= 1024, (d)'s latency at most 0.7x (b)'s.
 """
@@ -216,15 +224,168 @@ def layer_sweep(widths: list[int], tokens: int, reps: int, folder: Path) -> None
         print(f"| {width} | {fp32 * 1e3:.3f} | {nbits * 1e3:.3f} | {nbits / fp32:.2f} |", flush=True)
 
 
+# --- the runtimes users run: diffusers' own loaders -------------------------------------------------------------
+
+DIFFUSERS_VARIANTS = {"bf16": "e: diffusers bf16 teacher", "torchao": "f: torchao folder (format=diffusers)",
+                      "gguf": "g: GGUF (format=gguf)"}
+
+
+def diffusers_model(name: str, width: int, layers: int):
+    """(transformer, family, example) for the toy or a seeded random FLUX of `width` (heads of 64; `layers`
+    double-stream and twice as many single-stream blocks), with latents the size the toy's are."""
+    from diffusers import FluxTransformer2DModel
+
+    from fraqat_cli.models.families import FluxFamily
+
+    torch.manual_seed(0)
+    if name == "toy":
+        model, family, example = build(name, width, layers)
+        return model, family, {"latents": example["latents"], "timestep": example["timestep"],
+                               "prompt_embeds": example["prompt_embeds"],
+                               "prompt_attention_mask": example["prompt_attention_mask"]}
+    heads = max(width // 64, 1)
+    head_dim = width // heads
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers,
+                                   attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=width,
+                                   pooled_projection_dim=width, axes_dims_rope=rope)
+    example = {"latents": torch.randn(1, 16, 32, 32), "timestep": torch.tensor([500.0]),
+               "prompt_embeds": torch.randn(1, 32, width), "pooled_prompt_embeds": torch.randn(1, width)}
+    return model.eval(), FluxFamily(), example
+
+
+def write_diffusers_variants(name: str, width: int, layers: int, folder: Path) -> dict:
+    """The three files the variants load, and the transformer's call arguments in bfloat16."""
+    from fraqat_cli.export.diffusers_folder import TRANSFORMER, write_transformer
+    from fraqat_cli.export.gguf import write_gguf
+    from fraqat_cli.models.embeddings import conditioning_of
+    from fraqat_cli.quant import QuantConfig, QuantizedLayer, QuantSpec, quantize_model
+
+    teacher, family, example = diffusers_model(name, width, layers)
+    teacher.to(torch.bfloat16).save_pretrained(str(folder / "bf16" / TRANSFORMER))
+    student = copy.deepcopy(teacher).float()
+    quantize_model(student, QuantConfig(weight=QuantSpec("per_group", 32), weight_bits=4, include=("*",)))
+    quantized = {n: m for n, m in student.named_modules() if isinstance(m, QuantizedLayer)}
+    write_transformer(student, quantized, folder / "torchao" / TRANSFORMER, torch.bfloat16, {})
+    write_gguf(student, family, example, folder / "student.gguf", "diffusers", "bfloat16", {}, "the student")
+    kwargs = family.transformer_kwargs(example["latents"], example["timestep"], conditioning_of(example))
+    low = lambda v: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+    torch.save({k: low(v) for k, v in kwargs.items()}, folder / "inputs.pt")
+    params = sum(p.numel() for p in teacher.parameters())
+    return {"params": params, "file_bytes": {"bf16": _folder_bytes(folder / "bf16"),
+                                             "torchao": _folder_bytes(folder / "torchao"),
+                                             "gguf": (folder / "student.gguf").stat().st_size}}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def load_variant(variant: str, folder: Path):
+    """`variant`'s transformer through diffusers' own loader, in bfloat16."""
+    import diffusers
+
+    config = json.loads((folder / "bf16" / "transformer" / "config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    if variant == "gguf":
+        quantization = diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+        return cls.from_single_file(str(folder / "student.gguf"), config=str(folder / "bf16"), subfolder="transformer",
+                                    quantization_config=quantization, torch_dtype=torch.bfloat16).eval()
+    return cls.from_pretrained(str(folder / variant), subfolder="transformer", torch_dtype=torch.bfloat16).eval()
+
+
+def diffusers_child(variant: str, folder: str) -> None:
+    """In a fresh process: load `variant` and run one step; print its load time, weight bytes and peak RSS growth."""
+    import diffusers
+    import gguf  # noqa: F401  imported before the baseline: only the variant itself is measured
+    import psutil
+    import torchao.quantization  # noqa: F401
+    from diffusers.quantizers.gguf import GGUFQuantizer  # noqa: F401
+    from diffusers.quantizers.torchao import TorchAoHfQuantizer  # noqa: F401
+
+    torch.set_num_threads(1)
+    folder = Path(folder)
+    config = json.loads((folder / "bf16" / "transformer" / "config.json").read_text())
+    getattr(diffusers, config["_class_name"])  # diffusers imports its model classes lazily
+    kwargs = torch.load(folder / "inputs.pt", weights_only=True)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the RSS now
+    before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    model = load_variant(variant, folder)
+    load = time.perf_counter() - start
+    with torch.no_grad():
+        model(**kwargs, return_dict=False)
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024  # KiB
+    weights = sum(_tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
+    print(json.dumps({"load_s": load, "weight_bytes": weights, "rss_mib": (peak - before) / 2**20}))
+
+
+def diffusers_steps(folder: Path, reps: int) -> dict[str, float]:
+    """Median seconds of one denoiser step per variant, the variants loaded side by side in this process and
+    run in turn each round (interleaved: a busy machine slows all three alike)."""
+    models = {v: load_variant(v, folder) for v in DIFFUSERS_VARIANTS}
+    kwargs = torch.load(folder / "inputs.pt", weights_only=True)
+    times = {v: [] for v in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model(**kwargs, return_dict=False)
+        for _ in range(reps):
+            for v, model in models.items():
+                start = time.perf_counter()
+                model(**kwargs, return_dict=False)
+                times[v].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: a torchao tensor's parts (codes, scales, zero points), else its own elements."""
+    parts = getattr(tensor, "tensor_data_names", None)
+    if parts:
+        return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in parts)
+    return tensor.numel() * tensor.element_size()
+
+
+def compare_diffusers(name: str, width: int, layers: int, reps: int, folder: Path, rounds: int = 3) -> None:
+    folder = folder / f"diffusers-{name}-{width}"
+    facts = write_diffusers_variants(name, width, layers, folder)
+    runs = {v: [] for v in DIFFUSERS_VARIANTS}
+    for _ in range(rounds):  # fresh processes for load time and memory, the variants alternating
+        for variant in DIFFUSERS_VARIANTS:
+            command = [sys.executable, __file__, "--diffusers-child", variant, str(folder)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+    median = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
+    for v, step in diffusers_steps(folder, reps).items():
+        median[v]["step_s"] = step
+    base = median["bf16"]
+    print(f"\n{name}: {facts['params'] / 1e6:.2f} M parameters, W4 per-group 32 (every linear layer), bf16 compute; "
+          f"load and memory: medians of {rounds} fresh processes; step: median of {reps} interleaved rounds")
+    print("| variant | file MiB | of (e) | load s | of (e) | step ms | of (e) | weights MiB | of (e) | peak RSS "
+          "growth MiB | of (e) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for v, label in DIFFUSERS_VARIANTS.items():
+        m, size = median[v], facts["file_bytes"][v]
+        print(f"| {label} | {size / 2**20:.2f} | {size / facts['file_bytes']['bf16']:.2f} | {m['load_s']:.2f} | "
+              f"{m['load_s'] / base['load_s']:.2f} | {m['step_s'] * 1e3:.1f} | {m['step_s'] / base['step_s']:.2f} | "
+              f"{m['weight_bytes'] / 2**20:.2f} | {m['weight_bytes'] / base['weight_bytes']:.2f} | "
+              f"{m['rss_mib']:.1f} | {m['rss_mib'] / base['rss_mib']:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="a tiny PixArt (width 128, 1 layer), 3 reps")
+    parser.add_argument("--section", choices=("all", "onnx", "diffusers"), default="all")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--diffusers-child", nargs=2, help=argparse.SUPPRESS)  # variant, folder
     args = parser.parse_args()
     if args.child:
         variant, name, width, layers, graph = args.child
         child(int(variant), name, int(width), int(layers), graph)
+        return
+    if args.diffusers_child:
+        diffusers_child(*args.diffusers_child)
         return
     import logging
     import warnings
@@ -234,15 +395,23 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_num_threads(1)
     print("one denoiser step, batch 1, one thread; W4 per-channel A8, every linear layer and 1x1 convolution")
+    onnx, in_diffusers = args.section in ("all", "onnx"), args.section in ("all", "diffusers")
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            compare_model("pixart", 128, 1, 3, Path(tmp))
-            layer_sweep([128], 32, 3, Path(tmp))
+            if onnx:
+                compare_model("pixart", 128, 1, 3, Path(tmp))
+                layer_sweep([128], 32, 3, Path(tmp))
+            if in_diffusers:
+                compare_diffusers("flux", 64, 1, 3, Path(tmp), rounds=1)
             return
-        compare_model("toy", 128, 4, args.reps, Path(tmp))
-        compare_model("pixart", 256, 6, args.reps, Path(tmp))      # ~7 M parameters
-        compare_model("pixart", 1024, 2, max(args.reps // 3, 5), Path(tmp))   # real width, two blocks
-        layer_sweep([128, 256, 512, 768, 1024, 2048], 64, args.reps, Path(tmp))
+        if onnx:
+            compare_model("toy", 128, 4, args.reps, Path(tmp))
+            compare_model("pixart", 256, 6, args.reps, Path(tmp))      # ~7 M parameters
+            compare_model("pixart", 1024, 2, max(args.reps // 3, 5), Path(tmp))   # real width, two blocks
+            layer_sweep([128, 256, 512, 768, 1024, 2048], 64, args.reps, Path(tmp))
+        if in_diffusers:
+            compare_diffusers("toy", 128, 4, args.reps, Path(tmp))
+            compare_diffusers("flux", 512, 2, max(args.reps // 3, 5), Path(tmp))   # 2 double + 4 single blocks
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ bf16 and saved as safetensors (and to float32). Layer selections: the transforme
 
 Targets (issue 13): a per-channel W4 file with every linear layer and every 1x1 convolution quantized at most
 0.30x the teacher's bf16 file for PixArt-, SD3- and FLUX-class models, 0.35x for the Sana-class toy.
+GGUF (issue 23): every linear layer W4 per-group-32, written as `fraqat-export format=gguf` writes it (Q4_0
+blocks, the rest BF16/F16), at most 0.30x the teacher's bf16 file for PixArt-, SD3- and FLUX-class models.
+PixArt's row is a size only: diffusers has no GGUF loader for it (fraqat-export refuses it).
 """
 
 from __future__ import annotations
@@ -107,6 +110,67 @@ def main() -> None:
                         print(f"| {name} | {summary.total_params / 1e6:.2f} M | {selection} | {kinds} | "
                               f"{summary.quantized_fraction:.1%} | {granularity} | {size.file_bytes / 2**20:.2f} | "
                               f"{size.file_bytes / bf16:.3f} | {size.file_bytes / fp32:.3f} |", flush=True)
+        gguf_rows(candidates, Path(tmp))
+    real_size_rows()
+
+
+def gguf_bytes(model: torch.nn.Module, folder: Path) -> tuple[int, float]:
+    """(bytes of the GGUF file `fraqat-export format=gguf` writes for `model` quantized W4 per-group-32 on every
+    linear layer, the quantized share of its parameters), its unquantized tensors from bf16."""
+    from fraqat_cli.export.deployable import deployable_layers
+    from fraqat_cli.export.gguf import stored_tensors, write_file
+    from fraqat_cli.export.packed import round_unquantized
+
+    student = copy.deepcopy(model)
+    summary = quantize_model(student, QuantConfig(weight=QuantSpec("per_group", 32, scale_dtype="float16"),
+                                                  weight_bits=4, include=("*",)))
+    round_unquantized(student, "bfloat16")
+    stored, _, _ = stored_tensors(student, deployable_layers(student, "the benchmark"), "bfloat16")
+    write_file(str(folder / "student.gguf"), "bench", stored, {}, {})
+    return (folder / "student.gguf").stat().st_size, summary.quantized_fraction
+
+
+def gguf_rows(candidates: dict[str, torch.nn.Module], folder: Path) -> None:
+    print("\n| model (GGUF) | params | W4 per-group-32, every linear layer | MiB | of teacher bf16 | target |")
+    print("|---|---|---|---|---|---|")
+    for name, model in candidates.items():
+        bf16 = teacher_file_bytes(model, torch.bfloat16, folder)
+        size, share = gguf_bytes(model, folder)
+        params = sum(p.numel() for p in model.parameters())
+        target = "<= 0.30" if name in ("pixart_sigma", "sd35", "flux") else ""
+        print(f"| {name} | {params / 1e6:.2f} M | {share:.1%} of params in Q4_0 | {size / 2**20:.2f} | "
+              f"{size / bf16:.3f} | {target} |", flush=True)
+
+
+def gguf_bytes_of_shapes(model: torch.nn.Module) -> tuple[int, int]:
+    """(GGUF bytes, teacher bf16 bytes) of a full-size model on the meta device, from its shapes alone: Q4_0 blocks
+    (18 bytes per 32 weights, ggml's block_q4_0) for every linear weight whose width 32 divides, 2 bytes a value
+    for the rest (BF16/F16, as `plain_tensor` stores a bf16 model's). File headers (a few KiB) are left out."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
+    quantized = {f"{n}.weight" for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and m.in_features % block == 0}
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    teacher = sum(2 * v.numel() for v in state.values())
+    return sum(v.numel() // block * block_bytes if k in quantized else 2 * v.numel() for k, v in state.items()), teacher
+
+
+def real_size_rows() -> None:
+    """The real PixArt-Sigma, SD3.5-Medium and FLUX.1-schnell transformers (their configs in conf/model), on the
+    meta device."""
+    from omegaconf import OmegaConf
+
+    from fraqat_cli.models.architecture import build_transformer
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    print("\n| real config (GGUF, from shapes) | params | MiB | of teacher bf16 | target |")
+    print("|---|---|---|---|---|")
+    for name in ("pixart_sigma", "sd35_medium", "flux_schnell"):
+        model = build_transformer(OmegaConf.load(conf / f"{name}.yaml"))
+        size, teacher = gguf_bytes_of_shapes(model)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {params / 1e9:.3f} B | {size / 2**20:.0f} | {size / teacher:.3f} | <= 0.30 |", flush=True)
 
 
 if __name__ == "__main__":

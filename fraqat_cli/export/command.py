@@ -1,5 +1,6 @@
 """`fraqat-export`: turn a trained student checkpoint into deployable files: safetensors codes, an ONNX QDQ
-graph, or an ONNX graph whose 4-bit layers onnxruntime runs packed (MatMulNBits).
+graph, an ONNX graph whose 4-bit layers onnxruntime runs packed (MatMulNBits), a GGUF file, or a diffusers
+folder (torchao weights, `fraqat_cli.export.diffusers_folder`).
 
 `export(cfg)` does the work and returns its report; `main` is the thin Hydra entry point.
 """
@@ -18,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.cli import quiet_console, run_reporting_errors
 
-FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "onnx_nbits": ".onnx"}  # format -> file suffix
-DEFAULT_NAMES = {"safetensors": "student", "onnx": "student", "onnx_nbits": "student.nbits"}
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "onnx_nbits": ".onnx",
+           "gguf": ".gguf", "diffusers": ""}  # format -> file suffix ("": a folder)
+DEFAULT_NAMES = {"safetensors": "student", "onnx": "student", "onnx_nbits": "student.nbits", "gguf": "student",
+                 "diffusers": "diffusers"}
 SIXTEEN_BITS = ("bfloat16", "float16")
 
 
@@ -35,6 +38,8 @@ def check_settings(cfg: DictConfig) -> None:
         from fraqat_cli.export.onnx_nbits import check_runtime
 
         check_runtime(cfg.runtime.block_size, cfg.runtime.accuracy_level)
+    if cfg.format == "gguf" and cfg.get("layout") not in ("diffusers", "original"):
+        raise ValueError(f"layout={cfg.get('layout')!r} is not offered for format=gguf; allowed: diffusers, original")
     if isinstance(cfg.example.batch_size, bool) or not isinstance(cfg.example.batch_size, int) \
             or cfg.example.batch_size < 1:
         raise ValueError(f"example.batch_size must be a positive integer; got {cfg.example.batch_size!r}")
@@ -66,10 +71,12 @@ def deployed_dtype(requested: str, fmt: str, model_dtype: str) -> str:
     """The dtype of the file's unquantized tensors. `auto`: the teacher's own when it is 16-bit (bf16 for the
     real models, as they ship); float16 for a model computed in float32 (the toy, whose weights ship as
     float16, and the tiny twins). ONNX graphs keep float32 (their float ops take float32 initializers)."""
-    if fmt != "safetensors":
+    if fmt not in ("safetensors", "gguf", "diffusers"):
         return "float32"
     if requested != "auto":
         return requested
+    if fmt == "diffusers":
+        return "bfloat16"  # diffusers' torchao backend computes integer-weight models in bfloat16
     return model_dtype if model_dtype in SIXTEEN_BITS else "float16"
 
 
@@ -92,8 +99,12 @@ def export(cfg: DictConfig) -> dict:
     checkpoint = checkpoint_file(cfg.ckpt)
     stored = StudentCheckpoint.read(checkpoint, model=cfg.get("model"))  # model=: the user's, not the file's
     out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(checkpoint, cfg.format)
-    if out.suffix != FORMATS[cfg.format]:
+    if FORMATS[cfg.format] and out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
+    if cfg.format == "diffusers":
+        from fraqat_cli.export.diffusers_folder import check_out_folder
+
+        check_out_folder(out)
     model_cfg = stored.config.model
     family = family_of(model_cfg)
     dtype = deployed_dtype(cfg.dtype, cfg.format, model_cfg.dtype)
@@ -116,6 +127,7 @@ def export(cfg: DictConfig) -> dict:
     # 4. Write into a staging folder beside the target, check, and only then move into place.
     with staging(out) as staged:
         report = write_format(cfg, student, family, example, staged, info, source, dtype)
+        expected = report.pop("expected", expected)  # gguf: the student as the file holds it (no activation quant)
         del student, stored  # the checkpoint's mapping closes: the check holds only the file it reloads
         gc.collect()
         report.update({k: v for k, v in info.items() if k != "model_config"}, format=cfg.format, file=str(out),
@@ -123,7 +135,8 @@ def export(cfg: DictConfig) -> dict:
         if cfg.check:
             report["check"] = {**check_export(cfg, expected, family, example, staged),
                                "unquantized_rounding": rounding}
-    atomic_write(report_path(out), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
+        # staged beside the file: `staging` moves it in last, so no report ever sits beside a file it does not describe
+        atomic_write(report_path(staged), lambda t: Path(t).write_text(json.dumps(report, indent=2, default=str)))
     print_report(report)
     return report
 
@@ -151,13 +164,16 @@ def trained_student(stored, skeleton, family, example: dict, source: str, dtype:
 @contextmanager
 def staging(out: Path):
     """Yield a path inside a fresh folder beside `out`; on success move what was written there into place
-    (side files first, `out` last), on failure remove it all: no half-written export is ever visible."""
-    stage = out.parent / f".{out.name}.partial"
+    (side files first, then `out`, its report last, the old report removed first), on failure remove it all: no
+    half-written export is ever visible, and a kill part-way leaves the old file and report, or a file without
+    a report, never a report of another file. A folder left by a killed export is removed first."""
+    stage, report = out.parent / f".{out.name}.partial", report_path(out)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
         yield stage / out.name
-        for file in sorted(stage.iterdir(), key=lambda f: f.name == out.name):
+        report.unlink(missing_ok=True)
+        for file in sorted(stage.iterdir(), key=lambda f: (f.name == report.name, f.name == out.name)):
             os.replace(file, out.parent / file.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -175,6 +191,14 @@ def write_format(cfg: DictConfig, student, family, example: dict, path: Path, in
         from fraqat_cli.export.onnx_graph import export_onnx
 
         report = {"inputs": export_onnx(student, family, example, path, info, source)["inputs"]}
+    elif cfg.format == "diffusers":
+        from fraqat_cli.export.diffusers_folder import write_diffusers_folder
+
+        return write_diffusers_folder(student, family, example, path, info, source, dtype)
+    elif cfg.format == "gguf":
+        from fraqat_cli.export.gguf import write_gguf
+
+        report = write_gguf(student, family, example, path, cfg.layout, dtype, info, source)
     else:
         from fraqat_cli.export.onnx_nbits import export_nbits
 
@@ -184,6 +208,10 @@ def write_format(cfg: DictConfig, student, family, example: dict, path: Path, in
     files = sorted(path.parent.iterdir())
     report["files"] = [f.name for f in files]
     report["size"] = size_report(student, sum(f.stat().st_size for f in files), dtype).as_dict()
+    if cfg.format == "gguf":  # the Hub's model card beside the file (not part of the model's size)
+        from fraqat_cli.export.gguf import write_card
+
+        report["files"].append(write_card(path, student, info, cfg.layout, source).name)
     return report
 
 
@@ -199,6 +227,16 @@ def check_export(cfg: DictConfig, expected, family, example: dict, path: Path) -
             from fraqat_cli.export.packed import load_packed
 
             got, against = student_prediction(load_packed(path).transformer, family, example), "PyTorch student"
+        elif cfg.format == "diffusers":
+            from fraqat_cli.export.diffusers_folder import folder_prediction
+
+            got = folder_prediction(path, family, example)
+            against = "PyTorch student, activations unquantized (diffusers from_pretrained, torchao, bfloat16)"
+        elif cfg.format == "gguf":
+            from fraqat_cli.export.gguf import load_gguf
+
+            got = student_prediction(load_gguf(path), family, example)
+            against = "PyTorch student as stored, activations unquantized (diffusers from_single_file)"
         else:
             from fraqat_cli.export.onnx_graph import run_onnxruntime
 
@@ -220,6 +258,15 @@ def print_report(report: dict) -> None:
           f"{s['quantized_params']:,}/{s['total_params']:,} parameters quantized, the rest {s['plain_dtype']}")
     if bits:
         print(f"  {len(layers)} quantized layers at {bits} bits, {report['granularity']}")
+    if "activation_quantizer_dropped" in report:  # a weight-only format (gguf): what it could not keep
+        kept = ("the student's weights kept exactly" if report["weights_exact"] else
+                f"fp16 scales moved the output {report['fp16_scales_moved']:.2e} (train with quantizer.scale_dtype="
+                f"float16 to keep it exactly)")
+        print(f"  {'/'.join(report['tensor_types'])} tensors; {kept}; no activation quantizer: the output moved "
+              f"{report['activation_quantizer_dropped']:.2e} (relative)")
+        if report.get("dequantized_16bit"):
+            print(f"  {len(report['dequantized_16bit'])} quantized convolutions stored dequantized in 16 bits "
+                  f"(GGUF has no quantized convolution)")
     if "check" in report:
         c = report["check"]
         print(f"  check against the {c['against']}: relative difference {c['relative_difference']:.2e} "

@@ -1,10 +1,10 @@
 """The deployed artifact itself as a pipeline's denoiser: a `fraqat-export` file evaluated, not the checkpoint.
 
-`fraqat-eval ckpt=<run>/export/student.safetensors` (or `.onnx`) reads what to build from the file's own
-metadata (the model config the export stored) and puts the file's model where the pipeline's transformer
-goes: the safetensors codes dequantized (`load_packed`), or an onnxruntime session of the graph (QDQ or
-MatMulNBits) behind the transformer's call signature. FID of the deployed model is then measured, not
-assumed equal to the student's.
+`fraqat-eval ckpt=<run>/export/student.safetensors` (or `.onnx`, or the `diffusers` folder) reads what to build
+from the file's own metadata (the model config the export stored) and puts the file's model where the
+pipeline's transformer goes: the safetensors codes dequantized (`load_packed`), an onnxruntime session of the
+graph (QDQ or MatMulNBits) behind the transformer's call signature, or the folder's transformer as diffusers
+loads it (torchao weights). FID of the deployed model is then measured, not assumed equal to the student's.
 """
 
 from __future__ import annotations
@@ -26,15 +26,22 @@ IGNORED = {"return_dict", "attention_kwargs", "added_cond_kwargs", "joint_attent
 
 
 def is_artifact(entry) -> bool:
-    return isinstance(entry, (str, Path)) and str(entry).endswith(SUFFIXES)
+    """A fraqat-export file (by suffix) or a `format=diffusers` folder."""
+    from fraqat_cli.export.diffusers_folder import is_diffusers_folder
+
+    return isinstance(entry, (str, Path)) and (str(entry).endswith(SUFFIXES) or is_diffusers_folder(Path(entry)))
 
 
 def artifact_info(path: Path) -> dict:
     """The facts `fraqat-export` stored in `path` (model config, schedule, granularity, step, ...)."""
+    from fraqat_cli.export.diffusers_folder import is_diffusers_folder, stored_info
+
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not is_diffusers_folder(path):
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist; give a file written by fraqat-export")
-    if path.suffix == ".safetensors":
+    if path.is_dir():
+        info, fmt = _json_record(stored_info(path), path), "diffusers"
+    elif path.suffix == ".safetensors":
         from fraqat_cli.export.packed import read_metadata
 
         metadata = read_metadata(path)
@@ -69,8 +76,14 @@ def _json_record(text: str, path: Path) -> dict:
 
 
 def load_deployed(path: Path, like: nn.Module, dtype: torch.dtype, device) -> nn.Module:
-    """The denoiser in `path`, standing where `like` (the teacher or its skeleton) stood in the pipeline."""
+    """The denoiser in `path`, standing where `like` (the teacher or its skeleton) stood in the pipeline. A
+    diffusers folder is loaded by diffusers in the pipeline's dtype: in float32, its torchao layers compute the
+    student's weights exactly, with no activation quantizer (the weight-only deployment's own model)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        from fraqat_cli.export.diffusers_folder import load_folder
+
+        return load_folder(path, dtype).to(device)
     if path.suffix == ".safetensors":
         from fraqat_cli.export.packed import load_packed
         from fraqat_cli.quant import FakeQuantizer

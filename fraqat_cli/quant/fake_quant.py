@@ -38,6 +38,9 @@ from fraqat_cli.quant.ste import StraightThrough
 
 # Smallest positive float32; keeps an all-zero tensor (or group) from dividing by zero.
 SMALLEST_SPAN = torch.finfo(torch.float32).tiny
+# float16's largest finite value and smallest positive (subnormal) value: the range a float16 scale can take.
+HALF_MAX = torch.finfo(torch.float16).max
+HALF_TINIEST = 2.0**-24
 
 
 def code_range(bits: float, symmetric: bool, rounding: str = "floor") -> tuple[int, int]:
@@ -95,6 +98,8 @@ def _codes_view(
     from amax and amin rather than abs(), which would allocate another copy.
     """
     lo_code, hi_code = code_range(bits, spec.symmetric, spec.rounding)
+    if spec.scale_dtype == "float16":
+        return _codes_on_half_grid(view, bits, spec, value_range, want_mask, (lo_code, hi_code))
     if spec.symmetric:
         levels = 2.0 ** (bits - 1) - 1
         if value_range is None:
@@ -117,6 +122,34 @@ def _codes_view(
     codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
     mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
     return codes.clamp_(lo_code, hi_code), span / levels, offset, mask
+
+
+def _on_half_grid(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to the nearest float16 (kept in its dtype), within float16's finite range."""
+    return t.clamp(-HALF_MAX, HALF_MAX).to(torch.float16).to(t.dtype)
+
+
+def _codes_on_half_grid(view, bits, spec, value_range, want_mask, bounds):
+    """`_codes_view` for `scale_dtype="float16"`: the scale span/levels (and the asymmetric offset, the range's
+    minimum) rounded to float16 first, the codes then taken against it: round(x / scale), clamped as usual.
+    codes * scale is exact in float32 for codes of up to 13 bits (times an 11-bit mantissa: 24 bits; GGUF's go
+    to 8), so a reader that multiplies the same fp16 scale by the same code in float32 gets the student's weight
+    bit for bit (and adds the same fp16 offset in float32, as `dequantize_codes` does)."""
+    lo_code, hi_code = bounds
+    low, high = (view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)) if value_range is None \
+        else (v.to(view.dtype) for v in value_range)
+    if spec.symmetric:
+        levels, offset = 2.0 ** (bits - 1) - 1, None
+        span = torch.maximum(low.abs(), high.abs()).clamp_min_(SMALLEST_SPAN)
+        scale = _on_half_grid(span / levels).clamp_min_(HALF_TINIEST)
+        codes = torch.div(view, scale)  # (..., G)
+    else:
+        levels, offset = 2.0**bits, _on_half_grid(low)
+        scale = _on_half_grid((high - low).clamp_min_(SMALLEST_SPAN) / levels).clamp_min_(HALF_TINIEST)
+        codes = torch.sub(view, offset).div_(scale)  # (..., G)
+    codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
+    mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
+    return codes.clamp_(lo_code, hi_code), scale, offset, mask
 
 
 def _quantize_view(

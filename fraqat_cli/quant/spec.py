@@ -18,6 +18,9 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 # nearest_int_range: round to nearest, clamp symmetric codes to the signed integer range
 # [-floor(2^(b-1)), floor(2^(b-1)) - 1] (INT6 [-32, 31], INT5.5 [-22, 21], INT5 [-16, 15]); asymmetric as nearest.
 ROUNDINGS = ("floor", "nearest", "nearest_int_range")
+# The dtype each scale (and asymmetric offset) is kept on: float32, or the float16 grid that GGUF blocks store
+# their scales in (fp16 `d` and `m`), so that a GGUF export holds exactly the weights the student trained with.
+SCALE_DTYPES = ("float32", "float16")
 
 # Fractional bits are a software construct; 2 bits is the narrowest range that
 # still has a positive and a negative code, 16 the widest a float16 scale keeps
@@ -73,14 +76,19 @@ class QuantSpec:
     every value moves down by half a step on average). At integer bits the two nearest kinds
     give identical codes. The default is the evidence's: on the toy benchmark (README,
     "Rounding") floor students are 2.2x further from the teacher by FID; the nearest kinds tie.
+    scale_dtype: `float32`, or `float16`: every scale (and asymmetric offset) is rounded to the nearest
+    float16 before the codes are taken, so codes x scale is exactly what a GGUF block (fp16 scale) holds.
     """
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: int | None = None
     symmetric: bool = True
     rounding: Literal["floor", "nearest", "nearest_int_range"] = "nearest_int_range"
+    scale_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"unknown scale_dtype {self.scale_dtype!r}; allowed: {', '.join(SCALE_DTYPES)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
         if self.rounding not in ROUNDINGS:
