@@ -115,8 +115,8 @@ def trusted_config(stored: dict, source: str, model: DictConfig | None = None) -
     if model is not None:
         stored_name = (stored.get("model") or {}).get("name") if isinstance(stored.get("model"), dict) else None
         if stored_name != model.name:
-            raise ValueError(f"{source} is a student of model {stored_name!r}, not of model={model.name!r}; "
-                             f"drop model= or pick a checkpoint of that model")
+            raise ValueError(f"{source} holds a student of model {stored_name!r}, not of model={model.name!r}; "
+                             f"drop model= or pick a file of that model")
         stored = {**stored, "model": OmegaConf.to_container(model, resolve=True)}
     check_stored_config(stored, source)
     return OmegaConf.create(stored)

@@ -204,7 +204,7 @@ def test_an_export_resolves_as_an_eval_target_with_its_model_config(sana, tmp_pa
     (target,) = resolve_targets(str(path), None)
     assert target.artifact == path and not target.is_teacher and target.weight_bits == 4.0
     assert target.config.model.name == "tiny_sana" and target.config.schedule.name == "fractional"
-    with pytest.raises(ValueError, match="is an export of model 'tiny_sana', not of model='toy'"):
+    with pytest.raises(ValueError, match="holds a student of model 'tiny_sana', not of model='toy'"):
         resolve_targets(str(path), OmegaConf.create({"name": "toy"}))
     export_packed(student(sana[2]), tmp_path / "bare.safetensors", {"model": "tiny_sana"})
     with pytest.raises(ValueError, match="without its model config"):

@@ -174,12 +174,13 @@ def stand_in_data(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     from types import SimpleNamespace
 
     from fraqat_cli.train.command import TrainingData
+    from fraqat_cli.train.rng_state import TrainingOrder
 
     scheduler = instantiate(_stand_in_parts(cfg.model)["scheduler"])
     noise = instantiate(cfg.model.noise)
     noise.bind(scheduler.config)
     model = LoadedModel(SimpleNamespace(transformer=teacher), family_of(cfg.model), cfg.model)
-    return TrainingData(model, noise, [], batch_size, 0, None)
+    return TrainingData(model, noise, [], batch_size, 0, None, TrainingOrder(0, cfg.seed))
 
 
 def _state_bytes(module: nn.Module) -> tuple[int, int]:
