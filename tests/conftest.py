@@ -22,7 +22,8 @@ def cache_dir(tmp_path_factory):
 # three-minute file when the other is nearly done (measured: 13.5 min alphabetical, the CPU time allowing ~11).
 LONGEST_FIRST = ("test_eval_trust.py", "test_sharding.py", "test_faults.py", "test_export_diffusers.py",
                  "test_resume_reproducible.py", "test_docs.py", "test_export_gguf.py", "test_run_ownership.py",
-                 "test_train_cli.py", "test_plan.py", "test_export_cli.py", "test_trusted_files.py", "test_half_states.py",
+                 "test_train_cli.py", "test_plan.py", "test_export_cli.py", "test_trusted_files.py",
+                 "test_half_states.py",
                  "test_memory_options.py", "test_eval_cli.py", "test_deploy.py", "test_real_scale.py",
                  "test_checkpoints.py", "test_compare_schedules_smoke.py", "test_toy_teachers.py",
                  "test_hparams_search.py", "test_conditioning.py")
