@@ -1,5 +1,5 @@
 """SDPA kernels on a GPU: forward + backward time at FLUX.1's real attention shape in bf16, each kernel against
-flash: what `attention_backends` (which leaves cuDNN out, README "Running on real models") costs.
+flash: what `attention_backends` (which leaves cuDNN out, docs/real-models.md) costs.
 
 Random inputs do not reproduce cuDNN's NaN gradients (they come with FLUX's own normalised, rotated
 queries and keys); `attention_backends=null` on tiny FLUX at bf16-mixed does (`scripts/gpu_check.sh`).

@@ -1,4 +1,4 @@
-"""The plan of every real recipe (`conf/experiment/*_w4a8.yaml`) at 1 and 8 GPUs: the README's table.
+"""The plan of every real recipe (`conf/experiment/*_w4a8.yaml`) at 1 and 8 GPUs: the table in docs/plan.md.
 
 Runs `fraqat-plan experiment=<recipe> trainer.devices=N plan.suggest=false` for each (about 15 minutes on two
 CPU cores, most of it FLUX), or only reads the plan.json files already in `--out` with `--table-only`.

@@ -5,7 +5,7 @@ columns, one float scale per block, and multiplies without materialising a float
 `accuracy_level=4` it quantizes the activations to int8 per block and runs an int8 kernel: on this CPU
 a width-1024 PixArt step in 0.67-0.69x the time of its fp32 graph (benchmarks/deploy_runtime.py). Chosen over
 torchao because it runs inside the same ONNX graph the QDQ export already checks, in a runtime with no
-PyTorch, and its layout is the codes and scales the student already has (README, "Deployment").
+PyTorch, and its layout is the codes and scales the student already has (docs/deployment.md).
 
 Each quantized layer becomes
     x -> QuantizeLinear -> DequantizeLinear -> MatMulNBits(packed codes, scales) (-> + bias)

@@ -4,7 +4,7 @@ Each family speaks to its own diffusers pipeline and transformer class; training
 only call the `Family` methods, so they never branch on a name. Conditioning is a dict of tensors with
 the batch first, so it caches and batches like any other data. A new family is one class here (usually a
 `DiTFamily` subclass overriding `encode_prompts` and `transformer_kwargs`) plus one `conf/model/*.yaml`
-naming it as `family: {_target_: ...}`; the README's "Adding a model family" walks through one.
+naming it as `family: {_target_: ...}`; docs/adding-a-family.md walks through one.
 """
 
 from __future__ import annotations

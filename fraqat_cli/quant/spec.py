@@ -74,8 +74,8 @@ class QuantSpec:
     integer range, [-22, 21] at 5.5 bits as the paper; asymmetric codes as `nearest`),
     `nearest` ([-22, 22] at 5.5 bits) or `floor` (round down: also the paper's [-22, 21], but
     every value moves down by half a step on average). At integer bits the two nearest kinds
-    give identical codes. The default is the evidence's: on the toy benchmark (README,
-    "Rounding") floor students are 2.2x further from the teacher by FID; the nearest kinds tie.
+    give identical codes. The default is the evidence's: on the toy benchmark
+    (docs/results/rounding.md) floor students are 2.2x further from the teacher by FID; the nearest kinds tie.
     scale_dtype: `float32`, or `float16`: every scale (and asymmetric offset) is rounded to the nearest
     float16 before the codes are taken, so codes x scale is exactly what a GGUF block (fp16 scale) holds.
     """

@@ -2,7 +2,7 @@
 
 Why: on CUDA (torch 2.11, H200), cuDNN's attention backward returns NaN gradients for tiny FLUX's joint
 attention under bf16 autocast in most draws, while the flash, memory-efficient and math kernels give finite
-ones on the same inputs (README, "Running on real models"). Training therefore leaves cuDNN out unless told.
+ones on the same inputs (docs/real-models.md). Training therefore leaves cuDNN out unless told.
 """
 
 from __future__ import annotations
