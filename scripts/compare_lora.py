@@ -10,7 +10,7 @@ in both arms): per seed FID(lora) / FID(full) - 1, mean, sd and 95% t interval; 
     python scripts/compare_lora.py                                  # 3 seeds, standard and fractional, per-tensor
     python scripts/compare_lora.py --steps 100 --images 128         # a reduced budget
     python scripts/compare_lora.py --lora-lr 1e-3                   # LoRA's own learning rate (10x is usual)
-    python scripts/compare_lora.py --table-only --out docs/compare_lora   # docs/results/lora.md's tables, from saved numbers
+    python scripts/compare_lora.py --table-only --out docs/compare_lora   # the tables of docs/results/lora.md
     python scripts/compare_lora.py --table-only --out docs/compare_lora --lora-name lora-lr1e-3
 """
 
