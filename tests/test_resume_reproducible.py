@@ -30,7 +30,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def stop_at(run: Path, step: int, how: signal.Signals, cache_dir: Path) -> subprocess.CompletedProcess:
-    """Start the run (resuming it) and send `how` once its last.ckpt has reached `step`."""
+    """Start the run (resuming it) and send `how` once its last.ckpt has reached `step` and this process has written
+    one: the run before may have gone past `step` before its kill landed, and a signal during start-up is no stop."""
+    step = max(step, checkpoint_step(run / "checkpoints" / LAST) + 1)
     process = subprocess.Popen([*train_command(), *ARGS, f"hydra.run.dir={run}"], cwd=run.parent,
                                env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
