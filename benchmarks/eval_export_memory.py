@@ -34,7 +34,7 @@ BASELINE_IMPORTS = (
     "from transformers import T5EncoderModel;"
     "import fraqat_cli.evaluate.command, fraqat_cli.evaluate.evaluator, fraqat_cli.evaluate.targets,"
     " fraqat_cli.evaluate.metrics, fraqat_cli.evaluate.fid_features, fraqat_cli.export.command,"
-    " fraqat_cli.export.packed, fraqat_cli.train.student, fraqat_cli.models.loading"
+    " fraqat_cli.export.packed, fraqat_cli.student.rebuild, fraqat_cli.models.loading"
 )
 
 
@@ -77,8 +77,8 @@ def write_student_checkpoint(model_dir: Path, path: Path, resolution: int, steps
     from hydra import compose, initialize_config_module
 
     from fraqat_cli.models.loading import load_pipeline
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
-    from fraqat_cli.train.student import build_student
+    from fraqat_cli.student.build import build_student
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     args = parse_args(argv)
     if args.write_checkpoint:  # in a child, so that this process stays small

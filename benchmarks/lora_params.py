@@ -2,7 +2,7 @@
 
 Each real transformer is built on the meta device (no memory, `fraqat_cli.models.architecture`), quantized as the
 paper's recipes do (every linear layer, per-tensor), then given a LoRA update of each rank in every quantized
-layer (`fraqat_cli.train.lora.add_lora`). Prints trained parameters and their share; the memory they cost under each
+layer (`fraqat_cli.student.lora.add_lora`). Prints trained parameters and their share; the memory they cost under each
 optimizer is `fraqat-plan`'s to say.
 
     python benchmarks/lora_params.py
@@ -19,8 +19,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fraqat_cli.models.architecture import build_transformer
-from fraqat_cli.train.lora import add_lora
-from fraqat_cli.train.student import quantize_student
+from fraqat_cli.student.build import quantize_student
+from fraqat_cli.student.lora import add_lora
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -1,7 +1,7 @@
 """How close `fraqat-plan`'s traced peak is to the peak of the same training step run for real.
 
 For each model and memory option (full QAT with AdamW, 8-bit AdamW, LoRA rank 16), the plan traces one step
-on fake tensors (`fraqat_cli.train.plan_trace.trace_step`), then the same step runs on real tensors with random
+on fake tensors (`fraqat_cli.plan.trace.trace_step`), then the same step runs on real tensors with random
 weights: teacher and student built by `train.distillation_module`, the optimizer's state created by a first
 step, then one measured micro-batch (teacher forward, student forward, backward, optimizer step).
 
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from fraqat_cli.models.architecture import build_transformer
 from fraqat_cli.models.loading import model_dtype
-from fraqat_cli.train.plan_trace import (
+from fraqat_cli.plan.trace import (
     _first_optimizer,
     autocast_dtype,
     example_row,
@@ -58,7 +58,7 @@ def config(overrides: list[str]):
 
 def measured_peak(cfg, batch_size: int, device: str, row: dict) -> int:
     """Peak bytes of one real step, after a first step has created the optimizer state."""
-    from fraqat_cli.train.command import distillation_module
+    from fraqat_cli.train.assembly import distillation_module
 
     teacher = build_transformer(cfg.model, device=device, dtype=model_dtype(cfg.model))
     data = stand_in_data(cfg, teacher, batch_size)

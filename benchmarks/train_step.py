@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ from omegaconf import OmegaConf
 from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.models.families import SanaFamily
 from fraqat_cli.models.noise import FlowMatchingNoise
+from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import DistillationModule
-from fraqat_cli.train.student import build_student
+from fraqat_cli.train.optimizers import adamw
 
 SIZES = {
     # (transformer kwargs, batch, latent side, caption length)
@@ -78,7 +80,8 @@ def build(size: str, device: str):
     teacher = SanaTransformer2DModel(in_channels=4, out_channels=4, sample_size=side, patch_size=2, **kwargs).to(device)
     noise = FlowMatchingNoise().bind({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
     student, _ = build_student(teacher, QUANTIZER, SELECTION, start_bits=4)
-    module = DistillationModule(teacher, student, SanaFamily(), noise, lr=1e-5, trainable=["*"])
+    module = DistillationModule(teacher, student, SanaFamily(), noise, optimizer=partial(adamw, lr=1e-5),
+                                trainable=["*"])
     plain = copy.deepcopy(teacher).train().requires_grad_(True)  # the same transformer, no quantizers
     g = torch.Generator().manual_seed(1)
     data = {

@@ -19,10 +19,11 @@ from importlib import resources
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from fraqat_cli.moved_modules import upgrade_stored_config
-
 TARGET = "_target_"
 CLASS_KEYS = ("pipeline", "transformer_class", "block_classes")  # plain strings that name a class to import
+# Nodes of a training config that only training reads: dropped from a stored config before anything else, so a
+# run with a callback or logger of the user's own still evaluates and exports, and nothing is built from them.
+TRAINING_ONLY = ("callbacks", "logger")
 
 
 class UntrustedConfig(ValueError):
@@ -111,7 +112,7 @@ def trusted_config(stored: dict, source: str, model: DictConfig | None = None) -
     (given by the user) stands in for the stored model config, whose name it must share."""
     if not isinstance(stored, dict):
         raise ValueError(f"{source} holds no config record a fraqat file has; write it again with fraqat")
-    stored = upgrade_stored_config(stored)  # names from before a module moved
+    stored = {key: value for key, value in stored.items() if key not in TRAINING_ONLY}
     if model is not None:
         stored_name = (stored.get("model") or {}).get("name") if isinstance(stored.get("model"), dict) else None
         if stored_name != model.name:

@@ -39,8 +39,8 @@ from fraqat_cli.evaluate.paired_seeds import GRANULARITIES, paired_interval
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.quant.linear import ActivationQuantizer
 from fraqat_cli.quant.spec import PASS_THROUGH_BITS
-from fraqat_cli.train.checkpointing import StudentCheckpoint
-from fraqat_cli.train.student import rebuild_student
+from fraqat_cli.student.checkpoint import StudentCheckpoint
+from fraqat_cli.student.rebuild import rebuild_student
 
 SCHEDULES = Path(__file__).resolve().parent / "compare_schedules.py"
 ACTIVATION_BITS_KEY = "input_quantizer.bits"  # each quantized layer's activation bit-width buffer

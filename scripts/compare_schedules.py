@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -54,8 +55,9 @@ from fraqat_cli.evaluate.paired_seeds import (
 from fraqat_cli.evaluate.targets import checkpoint_target
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.quant.spec import ROUNDINGS
-from fraqat_cli.train.checkpointing import StudentCheckpoint
+from fraqat_cli.student.checkpoint import StudentCheckpoint
 from fraqat_cli.train.distill import DistillationModule
+from fraqat_cli.train.optimizers import adamw
 
 HEADLINE = ["standard", "fractional"]  # the rows --seeds counts; --other-seeds counts the rest
 
@@ -96,7 +98,8 @@ def held_out_loss(checkpoint: Path, cache_dir: str, count: int) -> dict:
     latents = source.latents(model, conditioning, cache_dir, seed=10_000)  # the teacher's samples
     parameters = sum(p.numel() for p in model.transformer.parameters())
     student = load_student(target, model.transformer)
-    module = DistillationModule(model.transformer, student, model.family, noise, trainable=["*"])
+    module = DistillationModule(model.transformer, student, model.family, noise,
+                                optimizer=partial(adamw, lr=1e-5), trainable=["*"])
     torch.manual_seed(0)  # the same noise and timesteps for every student
     with torch.no_grad():
         loss = module.distillation_loss({**conditioning.positive, "latents": latents})["output_loss"].item()
@@ -209,7 +212,7 @@ def train_students(args, bindir: Path, env: dict, sweep: Path, timing: dict) -> 
     for overrides in sweeps(args):
         common = [f"trainer.max_steps={args.steps}", f"optim.lr={args.lr}", "logger=csv",
                   f"data.num_prompts={args.prompts}", "trainer.enable_progress_bar=false",
-                  f"checkpoint_every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides]
+                  f"checkpoint.every_n_steps={args.steps}", f"hydra.sweep.dir={sweep}", *args.overrides]
         commands = [[str(bindir / "fraqat-train"), "--multirun", *part, *common]
                     for part in split_seeds(overrides, args.workers)]
         if len(commands) == 1:

@@ -13,7 +13,7 @@
 # Further knobs: GPU_CHECK_EVAL=0 skips the fraqat-eval stages (a machine without the FID Inception's package),
 # GPU_CHECK_REAL_ONNX=0 the real-size ONNX export, GPU_CHECK_REAL=0 the whole real-size part (2.),
 # GPU_CHECK_TINY="tiny_sana tiny_flux" picks the tiny families;
-# GPU_CHECK_REAL_OVERRIDES="check_memory=false" adds overrides to the real-size runs;
+# GPU_CHECK_REAL_OVERRIDES="callbacks.memory_check=null" adds overrides to the real-size runs;
 # FRAQAT_BIN is the folder of the console scripts and python (default .venv/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +61,7 @@ echo "== 1. tiny families on $ACCELERATOR"
 for model in $TINY; do
   run="$OUT/tiny/$model"
   stage "train-$model" "$BIN/fraqat-train" model="$model" "${TRAINER[@]}" trainer.max_steps=6 \
-    data.num_prompts=16 data.batch_size=4 checkpoint_every_n_steps=3 sample_every_n_steps=3 logger=csv \
+    data.num_prompts=16 data.batch_size=4 checkpoint.every_n_steps=3 sample_every_n_steps=3 logger=csv \
     trainer.enable_progress_bar=false hydra.run.dir="$run"
   report "$run"
   [ "$EVAL" = 1 ] && stage "eval-$model" "$BIN/fraqat-eval" ckpt="$run" prompts=offline prompts.count=8 logger=none \
@@ -79,7 +79,7 @@ model_dir="$OUT/pixart_sigma_random"
   --out "$model_dir" --dtype bfloat16 ${LAYERS:+--layers "$LAYERS"}
 run="$OUT/real/pixart_sigma"
 REAL=(model=pixart_sigma model.path="$model_dir" model.resolution="$RESOLUTION" "${TRAINER[@]}"
-      trainer.max_steps=20 data=offline data.num_prompts=64 data.batch_size=4 checkpoint_every_n_steps=5
+      trainer.max_steps=20 data=offline data.num_prompts=64 data.batch_size=4 checkpoint.every_n_steps=5
       sample_every_n_steps=10 gradient_checkpointing=true logger=csv trainer.enable_progress_bar=false
       hydra.run.dir="$run" ${GPU_CHECK_REAL_OVERRIDES:-})
 # Kill the first attempt (SIGKILL, as a preempted job dies) once its step-10 checkpoint is on disk.

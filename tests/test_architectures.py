@@ -15,7 +15,7 @@ from train_support import quantizer_preset
 from fraqat_cli.models.architecture import block_classes, build_transformer, count_parameters, transformer_kwargs
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantLinear, quantize_model, set_weight_bits
-from fraqat_cli.train.student import build_quant_config
+from fraqat_cli.student.build import build_quant_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REAL = ("sana", "pixart_sigma", "sd35_medium", "flux_schnell")

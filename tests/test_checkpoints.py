@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,17 +20,18 @@ from train_support import FAST, cli_env, fraqat_train
 
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantLinear
+from fraqat_cli.student.build import build_student, model_skeleton
+from fraqat_cli.student.checkpoint import LAST, StudentCheckpoint, load_checkpoint
+from fraqat_cli.student.rebuild import rebuild_student
 from fraqat_cli.train.callbacks import BitScheduleCallback
 from fraqat_cli.train.checkpointing import (
-    LAST,
     AtomicCheckpointIO,
-    StudentCheckpoint,
+    check_checkpoint_settings,
     checkpoint_callbacks,
     checkpoint_sizes,
-    load_checkpoint,
 )
 from fraqat_cli.train.distill import DistillationModule
-from fraqat_cli.train.student import build_student, model_skeleton, rebuild_student
+from fraqat_cli.train.optimizers import adamw
 
 STEPS, EVERY, KEEP = 7, 2, 2  # step checkpoints at 2, 4, 6; the last two kept; last.ckpt at 7
 
@@ -52,18 +54,19 @@ def trained(tmp_path_factory):
     returns (config, teacher, the student as it ends training, checkpoint folder, sizes estimated up front)."""
     folder = tmp_path_factory.mktemp("ckpts")
     cfg = compose_train("model=tiny_sana", "quantizer=per_channel", f"trainer.max_steps={STEPS}",
-                        f"checkpoint_every_n_steps={EVERY}", f"keep_checkpoints={KEEP}", "logger=none")
+                        f"checkpoint.every_n_steps={EVERY}", f"checkpoint.keep={KEEP}", "logger=none")
     pipe = load_pipeline(cfg.model, without=("tokenizer", "text_encoder"))
     schedule = instantiate(cfg.schedule)
     student, _ = build_student(pipe.transformer, cfg.quantizer, cfg.selection, schedule(0, STEPS))
     noise = instantiate(cfg.model.noise).bind(pipe.scheduler.config)
-    module = DistillationModule(pipe.transformer, student, instantiate(cfg.model.family), noise, lr=1e-3,
+    module = DistillationModule(pipe.transformer, student, instantiate(cfg.model.family), noise,
+                                optimizer=partial(adamw, lr=1e-3),
                                 trainable=cfg.trainable.patterns,
                                 record={"config": OmegaConf.to_container(cfg, resolve=True)})
     sizes = checkpoint_sizes(student)
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, plugins=[AtomicCheckpointIO()],
-                        callbacks=[BitScheduleCallback(schedule), *checkpoint_callbacks(cfg, folder)])
+                        callbacks=[BitScheduleCallback(schedule), *checkpoint_callbacks(cfg.checkpoint, folder)])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(fixed_batches(STEPS), batch_size=None))
     return cfg, pipe.transformer, module.student, folder, sizes
 
@@ -151,11 +154,12 @@ def test_locate_finds_files_runs_and_sweeps(tmp_path):
     assert StudentCheckpoint.locate(run / "checkpoints") == ([run / "checkpoints" / LAST], None)
 
 
-@pytest.mark.parametrize("overrides,message", [(["keep_checkpoints=-1"], "keep_checkpoints must be an integer >= 0"),
-                                               (["checkpoint_optimizer=maybe"], "checkpoint_optimizer must be true")])
-def test_bad_checkpoint_settings_are_refused(overrides, message, tmp_path):
+@pytest.mark.parametrize("overrides,message", [(["checkpoint.keep=-1"], "checkpoint.keep must be an integer >= 0"),
+                                               (["checkpoint.optimizer=maybe"], "checkpoint.optimizer must be true"),
+                                               (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps must be")])
+def test_bad_checkpoint_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        checkpoint_callbacks(compose_train(*overrides), tmp_path)
+        check_checkpoint_settings(compose_train(*overrides).checkpoint)
 
 
 # --- through the console scripts ------------------------------------------------------------------------------
@@ -165,8 +169,8 @@ def test_bad_checkpoint_settings_are_refused(overrides, message, tmp_path):
 def cli_run(tmp_path_factory, cache_dir):
     """`fraqat-train` for 5 steps (step checkpoints at 2 and 4, two kept), then resumed to 7 (one more at 6)."""
     work = tmp_path_factory.mktemp("cli")
-    args = [a for a in FAST if not a.startswith(("trainer.max_steps=", "checkpoint_every_n_steps="))]
-    args += ["checkpoint_every_n_steps=2", "keep_checkpoints=2", f"hydra.run.dir={work}/run"]
+    args = [a for a in FAST if not a.startswith(("trainer.max_steps=", "checkpoint.every_n_steps="))]
+    args += ["checkpoint.every_n_steps=2", "checkpoint.keep=2", f"hydra.run.dir={work}/run"]
     first = fraqat_train([*args, "trainer.max_steps=5"], cwd=work, cache_dir=cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     files = sorted(p.name for p in (work / "run" / "checkpoints").iterdir())

@@ -47,7 +47,7 @@ def test_smoke_run_gives_both_gaps_and_a_checked_weight_only_copy(tmp_path, cach
 
     # The copy that was evaluated: activation bits null in its stored config; the check refuses the original.
     from fraqat_cli.models.loading import load_model
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     [trained] = (out / "scale-float32" / "sweep").glob("*/checkpoints/last.ckpt")
     [copy] = (out / "float32-a16" / "sweep").glob("*/checkpoints/last.ckpt")

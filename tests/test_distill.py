@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -10,8 +12,9 @@ from train_support import quantizer_preset
 
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantLinear, set_weight_bits
+from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import DistillationModule
-from fraqat_cli.train.student import build_student
+from fraqat_cli.train.optimizers import adamw
 
 QUANTIZER = quantizer_preset("per_channel")
 
@@ -23,10 +26,11 @@ def tiny_sana():
     return model_cfg, pipe
 
 
-def make_module(model_cfg, pipe, quantizer=QUANTIZER, **kwargs) -> DistillationModule:
+def make_module(model_cfg, pipe, quantizer=QUANTIZER, lr=1e-5, **kwargs) -> DistillationModule:
     student, _ = build_student(pipe.transformer, quantizer, None, start_bits=4)
     noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
-    return DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise, **kwargs)
+    return DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise,
+                              optimizer=partial(adamw, lr=lr), **kwargs)
 
 
 def fixed_batch(size: int = 4) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from fraqat_cli.evaluate.command import update_csv
 
 # The toy default, made short (as tests/test_faults.py runs it), and an eval of four images against the teacher's.
 TOY = ["trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
-       "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2"]
+       "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
 EVAL = ["prompts=offline", "prompts.count=4", "batch_size=4", "clip.model=null", "logger=none"]
 
 

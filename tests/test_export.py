@@ -19,7 +19,7 @@ from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantSpec, set_weight_bits
 from fraqat_cli.quant.fake_quant import code_range, dequantize_codes, fake_quantize_spec, quantize_to_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
-from fraqat_cli.train.student import build_student
+from fraqat_cli.student.build import build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]

@@ -33,7 +33,7 @@ from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantizedLayer, set_activation_bits, set_weight_bits
 from fraqat_cli.quant.fake_quant import quantize_to_codes
-from fraqat_cli.train.student import build_student
+from fraqat_cli.student.build import build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPORT_CONFIG = OmegaConf.load(CONF / "export.yaml")

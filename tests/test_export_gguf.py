@@ -68,7 +68,7 @@ def test_fp16_scales_sit_on_the_half_grid_and_codes_still_dequantize_exactly(gra
 
 
 def test_a_quantizer_config_saved_before_scale_dtype_keeps_float32_scales():
-    from fraqat_cli.train.student import build_quant_config
+    from fraqat_cli.student.build import build_quant_config
 
     preset = OmegaConf.to_container(quantizer_preset("per_group"), resolve=True)
     assert build_quant_config({**preset, "scale_dtype": "float16"}).weight.scale_dtype == "float16"
@@ -161,8 +161,9 @@ def stored_student(run_dir: Path, cache_dir: Path):
     from fraqat_cli.models.embeddings import conditioning_of
     from fraqat_cli.models.loading import family_of, load_model
     from fraqat_cli.quant import set_activation_bits
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
-    from fraqat_cli.train.student import model_skeleton, rebuild_student
+    from fraqat_cli.student.build import model_skeleton
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
+    from fraqat_cli.student.rebuild import rebuild_student
 
     stored = StudentCheckpoint.read(run_dir / "checkpoints" / "last.ckpt")
     family = family_of(stored.config.model)
@@ -290,7 +291,7 @@ def test_an_unknown_layout_exits_2_with_one_line_and_writes_nothing(runs, cache_
 
 def edited_config(run_dir: Path, folder: Path, **quantizer) -> Path:
     """A copy of the run whose stored quantizer config says `quantizer` (as a run trained so would)."""
-    from fraqat_cli.train.checkpointing import RECORD
+    from fraqat_cli.student.checkpoint import RECORD
 
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     state[RECORD]["config"]["quantizer"].update(quantizer)
@@ -351,7 +352,7 @@ def test_float32_scales_are_reported_and_sana_convolutions_stored_dequantized(tm
     from fraqat_cli.export.gguf import load_gguf, write_gguf
     from fraqat_cli.export.packed import round_unquantized
     from fraqat_cli.models.loading import load_pipeline
-    from fraqat_cli.train.student import build_student
+    from fraqat_cli.student.build import build_student
 
     model_cfg = OmegaConf.load(CONF / "model" / "tiny_sana.yaml")
     family = instantiate(model_cfg.family)

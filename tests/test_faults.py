@@ -26,12 +26,13 @@ from safetensors.torch import load_file, save_file
 from train_support import cli_env, console, fraqat_train, train_command
 
 from fraqat_cli.cache import KEY_FIELD, store_problems
-from fraqat_cli.train.checkpointing import LAST, AtomicCheckpointIO, load_checkpoint
+from fraqat_cli.student.checkpoint import LAST, load_checkpoint
+from fraqat_cli.train.checkpointing import AtomicCheckpointIO
 from fraqat_cli.train.divergence import TrainingDiverged
 
 # The toy default as a new user runs it, made short: step checkpoints at 2 and 4, last.ckpt at 4.
 TOY = ["trainer.max_steps=4", "data.num_prompts=8", "data.batch_size=4", "logger=csv",
-       "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2"]
+       "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
 
 
 def errors(result: subprocess.CompletedProcess) -> list[str]:
@@ -307,7 +308,7 @@ def test_a_full_disk_warns_before_training_and_names_the_last_good_checkpoint(to
     assert warning.startswith(f"warning: checkpoints folder {str(folder)!r} has 1")  # 15-16 MiB of 16 free
     assert warning.endswith("MiB free, but this run's checkpoints need up to 41.0 MiB more (last.ckpt 13.0 MiB "
                             "written beside the previous one, 3 step checkpoint(s) of 5.0 MiB); the run will stop "
-                            "when the disk fills: free space, or lower keep_checkpoints")
+                            "when the disk fills: free space, or lower checkpoint.keep")
     (line,) = errors(result)
     assert line.startswith(f"fraqat-train: error: cannot write {str(folder / LAST)!r}: no space left on the device "
                            f"(it needs 13.0 MiB, 1")  # about 11 MiB free once the partial file is gone

@@ -1,6 +1,7 @@
 """The package's folders are its layers, and each layer imports only the layers below it.
 
-base (cli, files, cache, checks, errors) < quant < models < data < train < export < evaluate. Every import
+base (cli, files, cache, checks, errors, stored_config) < quant < models < data < student < train < plan < export
+< evaluate. Every import
 counts, function-local ones too: a lazy import upwards is still a dependency a reader has to follow.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fraqat_cli"
-LAYERS = ["base", "quant", "models", "data", "train", "export", "evaluate"]
+LAYERS = ["base", "quant", "models", "data", "student", "train", "plan", "export", "evaluate"]
 
 
 def module_name(path: Path) -> str:

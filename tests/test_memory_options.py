@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 from train_support import FAST, console, fraqat_train, quantizer_preset
 
 from fraqat_cli.quant import QuantLinear, fake_quantize, set_weight_bits
-from fraqat_cli.train.checkpointing import LAST, StudentCheckpoint, load_checkpoint
+from fraqat_cli.student.build import build_student
+from fraqat_cli.student.checkpoint import LAST, StudentCheckpoint, load_checkpoint
+from fraqat_cli.student.lora import add_lora, merge_lora
+from fraqat_cli.student.rebuild import rebuild_student
 from fraqat_cli.train.distill import freeze_all_but
-from fraqat_cli.train.lora import add_lora, merge_lora
-from fraqat_cli.train.student import build_student, rebuild_student
 
 QUANTIZER = quantizer_preset("per_channel")
 LORA_PATTERNS = list(OmegaConf.load("conf/trainable/lora.yaml").patterns)

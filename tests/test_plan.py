@@ -12,10 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from train_support import console
 
 from fraqat_cli.models.architecture import build_transformer, count_parameters
+from fraqat_cli.plan.command import Layout, per_device
+from fraqat_cli.plan.trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
+from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import freeze_all_but
-from fraqat_cli.train.plan import Layout, per_device
-from fraqat_cli.train.plan_trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
-from fraqat_cli.train.student import build_student
 
 TINY = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux", "toy"]
 
@@ -43,7 +43,7 @@ def real_step_flops(cfg, batch_size: int) -> int:
     plan's formula for grouped convolutions' backward, which torch overcounts)."""
     from hydra.utils import instantiate
 
-    from fraqat_cli.train.command import distillation_module
+    from fraqat_cli.train.assembly import distillation_module
 
     row = example_row(cfg.model)
     teacher = build_transformer(cfg.model, device="cpu")

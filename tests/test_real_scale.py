@@ -8,7 +8,7 @@ import json
 import pytest
 from train_support import FAST, console, fraqat_train
 
-from fraqat_cli.train.checkpointing import load_checkpoint
+from fraqat_cli.student.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

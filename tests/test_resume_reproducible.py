@@ -13,12 +13,12 @@ import pytest
 import torch
 from train_support import cli_env, fraqat_train, train_command
 
-from fraqat_cli.train.checkpointing import LAST, load_checkpoint
+from fraqat_cli.student.checkpoint import LAST, load_checkpoint
 
 STEPS = 24
 # 16 prompts, one held out: 15 rows in batches of 4 are 3 batches an epoch, so most stops fall mid-epoch.
 ARGS = ["model=tiny_sana", f"trainer.max_steps={STEPS}", "data.num_prompts=16", "data.batch_size=4", "logger=csv",
-        "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=1", "keep_checkpoints=0",
+        "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=1", "checkpoint.keep=0",
         "validation.every_n_steps=5"]
 
 

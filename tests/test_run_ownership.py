@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from train_support import FAST, cli_env, fraqat_train, train_command
 
-from fraqat_cli.train.checkpointing import LAST, load_checkpoint
+from fraqat_cli.student.checkpoint import LAST, load_checkpoint
 
 JOB_LOG = "command.log"  # Hydra's job log: appended to by every process started on the folder
 
@@ -151,9 +151,9 @@ def test_only_the_keys_that_change_training_must_match():
     from fraqat_cli.train.run_config import training_differences
 
     stored = {"seed": 1, "optim": {"lr": 1e-4}, "trainer": {"max_steps": 40, "enable_progress_bar": True},
-              "logger": {"name": "a"}, "checkpoint_every_n_steps": 25, "epochs": 2}
+              "logger": {"name": "a"}, "checkpoint": {"every_n_steps": 25}, "epochs": 2}
     asked = {"seed": 1, "optim": {"lr": 1e-3}, "trainer": {"max_steps": 1000, "enable_progress_bar": False},
-             "logger": None, "checkpoint_every_n_steps": 5, "epochs": 2, "feature_loss_weight": 0.5}
+             "logger": None, "checkpoint": {"every_n_steps": 5}, "epochs": 2, "feature_loss_weight": 0.5}
     # steps derived from the same epochs are not compared; a key the stored run lacks is
     assert training_differences(stored, asked) == [("feature_loss_weight", "<absent>", 0.5),
                                                    ("optim.lr", 1e-4, 1e-3)]

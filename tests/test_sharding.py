@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_support import FAST, fraqat_train
 
-from fraqat_cli.train.checkpointing import load_checkpoint
+from fraqat_cli.student.checkpoint import load_checkpoint
 
 TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                      "trainer.gradient_clip_val=null", "data.batch_size=2", "sample_every_n_steps=1"]

@@ -19,7 +19,7 @@ from fraqat_cli.quant import (
     set_weight_bits,
     weight_bits_of,
 )
-from fraqat_cli.train.student import build_quant_config
+from fraqat_cli.student.build import build_quant_config
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 

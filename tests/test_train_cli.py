@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from train_support import FAST, bits_by_step, cli_env, console, fraqat_train, train_command, train_sweep
 
-from fraqat_cli.train.checkpointing import StudentCheckpoint, load_checkpoint
+from fraqat_cli.student.checkpoint import StudentCheckpoint, load_checkpoint
 
 FAMILIES = ["tiny_sana", "tiny_pixart", "tiny_sd3", "tiny_flux"]
 
@@ -67,7 +67,7 @@ def test_logged_bit_width_follows_the_schedule(family_sweep):
 def test_killed_run_resumes_at_the_same_step_and_bits(tmp_path, cache_dir):
     args = ["model=tiny_sana", "schedule=fractional", "trainer.max_steps=40", "data.num_prompts=8",
             "data.batch_size=4", "logger=csv",
-            "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5", f"hydra.run.dir={tmp_path}/run"]
+            "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=5", f"hydra.run.dir={tmp_path}/run"]
     command = [*train_command(), *args]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(cache_dir),

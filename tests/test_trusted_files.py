@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from train_support import cli_env, console
 
 from fraqat_cli.stored_config import UntrustedConfig, check_stored_config, known_names, trusted_config
-from fraqat_cli.train.checkpointing import StudentCheckpoint
+from fraqat_cli.student.checkpoint import StudentCheckpoint
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

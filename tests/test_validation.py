@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from torch.utils.data import Dataset
 from train_support import FAST, fraqat_train, quantizer_preset
 
 from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import DistillationModule
-from fraqat_cli.train.student import build_student
+from fraqat_cli.train.optimizers import adamw
 from fraqat_cli.train.validation import HeldOutLoss, held_out_rows, split_rows
 
 
@@ -70,7 +72,8 @@ def test_validation_draws_are_fixed_so_the_loss_moves_only_with_the_student():
     pipe = load_pipeline(model_cfg, without=("tokenizer", "text_encoder"))
     student, _ = build_student(pipe.transformer, quantizer_preset("per_channel"), None, 4)
     noise = instantiate(model_cfg.noise).bind(pipe.scheduler.config)
-    module = DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise)
+    module = DistillationModule(pipe.transformer, student, instantiate(model_cfg.family), noise,
+                                optimizer=partial(adamw, lr=1e-5))
     module.trainer = _Trainer()
     rows = Rows(5, torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
     first = HeldOutLoss(rows, every_n_steps=1, batch_size=2, seed=0).measure(module)

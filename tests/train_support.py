@@ -15,7 +15,7 @@ FAST = [
     "data.batch_size=4",
     "logger=csv",
     "trainer.enable_progress_bar=false",
-    "checkpoint_every_n_steps=2",
+    "checkpoint.every_n_steps=2",
 ]
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fraqat_cli.cache import cache_key
 from fraqat_cli.evaluate.targets import EvalTarget
 from fraqat_cli.models.loading import model_identity
-from fraqat_cli.train.checkpointing import StudentCheckpoint, release_pages
+from fraqat_cli.student.checkpoint import StudentCheckpoint, release_pages
 
 DIGEST_CHARS = 20  # as `cache_key`: 80 bits, far past any collision among one user's checkpoints
 # The stored config sections that change the student rebuilt from the same tensors (`rebuild_student`); the

@@ -31,8 +31,9 @@ from fraqat_cli.files import atomic_write
 from fraqat_cli.models.embeddings import Conditioning
 from fraqat_cli.models.generation import generate, image_grid
 from fraqat_cli.models.loading import LoadedModel, load_model, model_identity
-from fraqat_cli.train.checkpointing import StudentCheckpoint
-from fraqat_cli.train.student import model_skeleton, rebuild_student
+from fraqat_cli.student.build import model_skeleton
+from fraqat_cli.student.checkpoint import StudentCheckpoint
+from fraqat_cli.student.rebuild import rebuild_student
 
 IMAGE_NAME = "{:05d}.png"
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.export.deployed import is_artifact
 from fraqat_cli.stored_config import trusted_config
-from fraqat_cli.train.checkpointing import StudentCheckpoint
+from fraqat_cli.student.checkpoint import StudentCheckpoint
 
 TEACHER = "teacher"
 

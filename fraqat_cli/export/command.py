@@ -50,7 +50,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def checkpoint_file(ckpt) -> Path:
     """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     files, sweep = StudentCheckpoint.locate(ckpt)
     if sweep is not None:
@@ -61,7 +61,7 @@ def checkpoint_file(ckpt) -> Path:
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
     """<run>/export/student.<suffix> for last.ckpt; student-step-NNNNNN.<suffix> for a step checkpoint."""
-    from fraqat_cli.train.checkpointing import LAST, StudentCheckpoint
+    from fraqat_cli.student.checkpoint import LAST, StudentCheckpoint
 
     name = DEFAULT_NAMES[fmt] if checkpoint.name == LAST else f"{DEFAULT_NAMES[fmt]}-{checkpoint.stem}"
     return StudentCheckpoint.run_folder(checkpoint) / "export" / f"{name}{FORMATS[fmt]}"
@@ -91,8 +91,8 @@ def export(cfg: DictConfig) -> dict:
     from fraqat_cli.export.example_inputs import example_inputs
     from fraqat_cli.files import atomic_write
     from fraqat_cli.models.loading import family_of, load_model
-    from fraqat_cli.train.checkpointing import StudentCheckpoint
-    from fraqat_cli.train.student import model_skeleton
+    from fraqat_cli.student.build import model_skeleton
+    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     # 1. Everything named must exist and make sense before a model is built.
     check_settings(cfg)
@@ -150,7 +150,7 @@ def trained_student(stored, skeleton, family, example: dict, source: str, dtype:
     from fraqat_cli.export.deployable import deployable_layers, layer_record
     from fraqat_cli.export.example_inputs import relative_difference, student_prediction
     from fraqat_cli.export.packed import round_unquantized
-    from fraqat_cli.train.student import rebuild_student
+    from fraqat_cli.student.rebuild import rebuild_student
 
     student = rebuild_student(stored, skeleton)  # a LoRA-QAT student's updates come merged (lora.merge_lora_state)
     layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}

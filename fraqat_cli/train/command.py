@@ -9,54 +9,50 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
+import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
 from fraqat_cli.errors import ExpectedFailure
-from fraqat_cli.files import atomic_write, not_a_folder
+from fraqat_cli.files import atomic_write, check_writable, not_a_folder
+from fraqat_cli.models.generation import student_grid_maker
+from fraqat_cli.student.build import build_quant_config
+from fraqat_cli.student.checkpoint import LAST, read_head
+from fraqat_cli.student.lora import check_lora_settings
+from fraqat_cli.train.assembly import TrainingData, distillation_module, prepare_data
+from fraqat_cli.train.attention_backends import attention_backends
+from fraqat_cli.train.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
+from fraqat_cli.train.checkpointing import (
+    AtomicCheckpointIO,
+    check_checkpoint_settings,
+    checkpoint_callbacks,
+    report_checkpoint_space,
+    resume_path,
+)
+from fraqat_cli.train.divergence import check_divergence_settings, divergence_guard
+from fraqat_cli.train.hydra_job import job_overrides, output_dir
+from fraqat_cli.train.optimizers import check_optimizer
+from fraqat_cli.train.rng_state import RandomState
+from fraqat_cli.train.run_config import previous_result
+from fraqat_cli.train.run_folder import own_run_folder, remove_leftovers
 from fraqat_cli.train.run_length import check_run_length, run_length
 from fraqat_cli.train.sweep import METRICS_FILE
-
-
-def output_dir() -> Path:
-    """Hydra's run folder for this job, or the working directory outside Hydra."""
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path.cwd()
-
-
-def job_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
+from fraqat_cli.train.validation import HeldOutLoss, held_out_rows
 
 
 def check_numbers(cfg: DictConfig) -> None:
     """Reject nonsense before any model is built."""
-    from fraqat_cli.train.attention_backends import attention_backends
-    from fraqat_cli.train.checkpointing import check_checkpoint_settings
-    from fraqat_cli.train.divergence import check_divergence_settings
-    from fraqat_cli.train.lora import check_lora_settings
-    from fraqat_cli.train.optimizers import check_optimizer
-    from fraqat_cli.train.student import build_quant_config
-    from fraqat_cli.train.validation import held_out_rows
-
     positive_int("trainer.max_steps", cfg.trainer.max_steps)
     positive_number("optim.lr", cfg.optim.lr)
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0; got {cfg.optim.weight_decay!r}")
-    positive_int("checkpoint_every_n_steps", cfg.checkpoint_every_n_steps)
     check_run_length(cfg)
-    check_checkpoint_settings(cfg)
+    check_checkpoint_settings(cfg.checkpoint)
     check_optimizer(cfg.optim, cfg.trainer)
     check_lora_settings(cfg.trainable)
     check_divergence_settings(cfg)
@@ -73,16 +69,11 @@ def train(cfg: DictConfig) -> dict:
 
     The run folder is this run's alone while it trains (`run_folder`); a folder whose run is another config's
     is refused, and one whose run has finished gives its result without training again."""
-    from fraqat_cli.files import check_writable
-    from fraqat_cli.train.checkpointing import resume_path
-
     # 1. Everything that can be wrong with the config fails here, before a model is built.
     check_numbers(cfg)
     schedule, source = instantiate_or_raise(cfg.schedule), instantiate_or_raise(cfg.data)
     run_dir = output_dir()
     check_writable(run_dir / "checkpoints", "nothing was trained: make it writable or choose another hydra.run.dir")
-    from fraqat_cli.train.run_config import previous_result
-    from fraqat_cli.train.run_folder import own_run_folder, remove_leftovers
 
     try:
         with own_run_folder(run_dir) as hydra_files:
@@ -102,11 +93,6 @@ class TrainingInterrupted(RuntimeError, ExpectedFailure):
 
 def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None) -> dict:
     """Build the data, models and trainer, train from `ckpt_path` (or afresh), and report."""
-    import lightning as L
-
-    from fraqat_cli.train.plan import check_before_training
-
-    check_before_training(cfg)  # on a GPU: a warning when the traced step will not fit its memory (fraqat-plan)
     L.seed_everything(cfg.seed, workers=True)
     # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
     data = prepare_data(cfg, source)
@@ -132,8 +118,6 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
 
 
 def interrupted_at(trainer, checkpoint_dir: Path) -> str:
-    from fraqat_cli.train.checkpointing import LAST, read_head
-
     message = f"interrupted at step {trainer.global_step}; resume with the same command"
     try:
         step, _ = read_head(checkpoint_dir / LAST)
@@ -142,98 +126,13 @@ def interrupted_at(trainer, checkpoint_dir: Path) -> str:
     return message + f" (it continues from step {step}, the last checkpoint)"
 
 
-@dataclass
-class TrainingData:
-    """What the teacher's pipeline and the caches give a run: the rows to train on and a few to draw."""
-
-    model: object  # LoadedModel: the pipeline without its text encoders (its transformer is the teacher), family
-    noise: object
-    dataset: object  # (conditioning, latents) rows, read lazily from the caches
-    batch_size: int
-    num_workers: int
-    grid: object  # Conditioning: the sample grid's prompts, in memory
-    order: object  # TrainingOrder: the rows' order in each epoch, from the seed alone (`rng_state`)
-    held_out: object = None  # rows never trained on: the validation loss's (`fraqat_cli.train.validation`)
-
-    def loader(self, distributed: bool = False):
-        """Batches in `order`, resumable mid-epoch; `distributed`: Lightning shards the rows over the ranks with
-        its `DistributedSampler` (shuffled by seed and epoch) instead."""
-        import torch
-
-        drop_last = len(self.dataset) >= self.batch_size
-        if distributed:
-            return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
-                                               num_workers=self.num_workers, drop_last=drop_last)
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.order, num_workers=self.num_workers,
-            drop_last=drop_last, generator=torch.Generator().manual_seed(self.order.seed),  # not the global RNG
-        )
-
-
-def prepare_data(cfg: DictConfig, source) -> TrainingData:
-    from fraqat_cli.data.conditioning import conditioning_store
-    from fraqat_cli.data.sources import ConditionedLatents
-    from fraqat_cli.models.embeddings import Conditioning
-    from fraqat_cli.models.loading import load_model
-    from fraqat_cli.train.rng_state import TrainingOrder
-    from fraqat_cli.train.validation import split_rows
-
-    prompts = source.prompts()
-    if len(prompts) < 2 and cfg.validation.share > 0:  # held_out_rows would hold none out, silently
-        raise ValueError(f"data gives {len(prompts)} prompt(s): too few to hold out validation.share="
-                         f"{cfg.validation.share} of them for the validation loss; allowed: 2 prompts or more "
-                         f"(data.num_prompts), or validation.share=0")
-    noise = instantiate(cfg.model.noise)
-    conditioning = conditioning_store(cfg.model, prompts, cfg.cache_dir)
-    model = load_model(cfg.model)
-    latents = source.latent_store(model, conditioning, cfg.cache_dir, cfg.seed)
-    noise.bind(model.pipe.scheduler.config)
-    rows = ConditionedLatents(conditioning, latents)
-    train_rows, held_out = split_rows(rows, cfg.validation.share, cfg.validation.seed)
-    grid = Conditioning(conditioning.read(0, cfg.num_sample_images), conditioning.shared())
-    order = TrainingOrder(len(train_rows), cfg.seed)
-    return TrainingData(model, noise, train_rows, source.batch_size, source.num_workers, grid, order, held_out)
-
-
-def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
-    from fraqat_cli.train.attention_backends import attention_backends
-    from fraqat_cli.train.distill import DistillationModule
-    from fraqat_cli.train.lora import lora_from_config
-    from fraqat_cli.train.student import build_student
-
-    teacher = data.model.transformer
-    student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
-    if (lora := lora_from_config(student, cfg.trainable)) is not None:  # trainable=lora: low-rank QAT
-        print(lora)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    print(f"student: {summary}; schedule: {schedule}")
-    module = DistillationModule(
-        teacher, student, data.model.family, data.noise,
-        optimizer=instantiate_or_raise(cfg.optim),
-        trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
-        record={"schedule": repr(schedule)}, attention_backends=attention_backends(cfg.attention_backends),
-    )
-    if cfg.quantizer.static_activations:
-        module.calibration_batches = first_batches(data.dataset, data.batch_size, cfg.quantizer.calibration_batches)
-    return module, summary
-
-
 def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir: Path):
     """The Lightning trainer with the schedule, checkpoint, sample-grid and step-statistics callbacks."""
-    import lightning as L
-
-    from fraqat_cli.models.generation import student_grid_maker
-    from fraqat_cli.train.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
-    from fraqat_cli.train.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, report_checkpoint_space
-    from fraqat_cli.train.divergence import divergence_guard
-    from fraqat_cli.train.rng_state import RandomState
-    from fraqat_cli.train.validation import HeldOutLoss
-
-    report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
+    # the sizes of both kinds, and a warning when they will not fit the disk
+    report_checkpoint_space(cfg.checkpoint, cfg.optim, student, run_dir / "checkpoints")
     stats = StepStats()
     callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
-                 *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
+                 *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"), *configured_callbacks(cfg)]
     if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
         callbacks.append(guard)
     if data.held_out is not None:
@@ -250,6 +149,11 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
         plugins=[AtomicCheckpointIO()], enable_model_summary=False,
     )
     return trainer, stats
+
+
+def configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks `conf/callbacks` names (a null entry is one turned off)."""
+    return [instantiate_or_raise(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:
@@ -273,7 +177,7 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
         "steps": int(trainer.global_step),
         **stats.summary(),
         **held_out_summary(trainer),
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": str(run_dir / "checkpoints" / LAST),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
         "overrides": job_overrides(),
@@ -285,17 +189,7 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
 
 def held_out_summary(trainer) -> dict:
     """The validation loss (last and curve), when the run holds rows out."""
-    from fraqat_cli.train.validation import HeldOutLoss
-
     return next((c.summary() for c in trainer.callbacks if isinstance(c, HeldOutLoss)), {})
-
-
-def first_batches(dataset, batch_size: int, count: int) -> list[dict]:
-    """The dataset's first `count` batches, in order: the same on every rank (static activation calibration)."""
-    from torch.utils.data import default_collate
-
-    rows = range(min(len(dataset), count * batch_size))
-    return [default_collate([dataset[i] for i in rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)]
 
 
 def make_logger(cfg: DictConfig, run_dir: Path):

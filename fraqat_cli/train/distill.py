@@ -17,6 +17,7 @@ from torch import nn
 
 from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.quant import ActivationQuantizer, calibrate_activations
+from fraqat_cli.student.checkpoint import stamp_record
 from fraqat_cli.train.attention_backends import restricted_attention
 
 
@@ -25,8 +26,7 @@ class DistillationModule(L.LightningModule):
 
     family: adapter giving the transformer's keyword arguments (`fraqat_cli.models.families`).
     noise: callable (clean latents, noise) -> (noisy latents, timesteps) (`fraqat_cli.models.noise`).
-    optimizer: a factory taking the trainable parameters (`conf/optim`, a Hydra partial); None: AdamW with
-    `lr`, `weight_decay` and `betas`.
+    optimizer: a factory taking the trainable parameters (`conf/optim`, a Hydra partial).
     trainable: fnmatch patterns over parameter names; the rest of the student stays frozen
     (the paper's selective training).
     feature_loss_weight: > 0 adds an MSE between the outputs of matching transformer blocks.
@@ -43,10 +43,7 @@ class DistillationModule(L.LightningModule):
         family,
         noise,
         *,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas=(0.9, 0.999),
-        optimizer=None,
+        optimizer,
         trainable=("*",),
         feature_loss_weight: float = 0.0,
         block_pattern: str = "*transformer_blocks.[0-9]*",
@@ -58,8 +55,7 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module registration
         self.family, self.noise = family, noise
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer  # (params) -> Optimizer: conf/optim's partial
         self.feature_loss_weight, self.block_pattern = feature_loss_weight, block_pattern
         self.trainable_params = freeze_all_but(student, trainable)
         self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
@@ -157,17 +153,10 @@ class DistillationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep what `fraqat-eval` needs to rebuild the model from the checkpoint alone (bits: in the buffers)."""
-        from fraqat_cli.train.checkpointing import stamp_record
-
         stamp_record(checkpoint, self.record)
 
     def configure_optimizers(self):
-        from fraqat_cli.train.optimizers import adamw
-
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if self.optimizer_factory is not None:
-            return self.optimizer_factory(params)
-        return adamw(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        return self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
 
 
 def _static_quantizers(model: nn.Module) -> list[ActivationQuantizer]:

@@ -15,9 +15,10 @@ from collections import deque
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from fraqat_cli.errors import ExpectedFailure
+from fraqat_cli.student.checkpoint import describe_last_good
+from fraqat_cli.student.finite import all_finite
 
 
 class TrainingDiverged(RuntimeError, ExpectedFailure):
@@ -49,27 +50,6 @@ class LossWatch:
         return None
 
 
-def all_finite(tensors) -> bool:
-    """Whether every floating-point tensor holds only finite values (one device sync, sharded tensors by their
-    local shard: the caller agrees across ranks)."""
-    flags = []
-    for tensor in tensors:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        if local.is_floating_point() and local.numel():
-            flags.append(torch.isfinite(local).all())
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
-
-
-QUANTIZER_STATE = "_quantizer."  # bits and static activation ranges (NaN until calibrated): state, not weights
-
-
-def first_non_finite(state: dict) -> str | None:
-    """The name of the first weight of a state dict holding a NaN or an infinity, else None (quantizer
-    state is not a weight)."""
-    return next((name for name, t in state.items() if QUANTIZER_STATE not in name and t.is_floating_point()
-                 and not torch.isfinite(t).all()), None)
-
-
 class DivergenceGuard(L.Callback):
     """Stop training with `TrainingDiverged` at the first non-finite loss or weight (or loss spike).
 
@@ -95,8 +75,6 @@ class DivergenceGuard(L.Callback):
             raise TrainingDiverged(self.message(self._step, reason or "another rank's loss or weights are not finite"))
 
     def message(self, step: int, reason: str) -> str:
-        from fraqat_cli.train.checkpointing import describe_last_good
-
         last = self.watch.last_finite
         before = f"last finite loss {last[1]:.4g} at step {last[0]}" if last else "no finite loss before it"
         return (f"training diverged at step {step}: {reason} ({before}); {describe_last_good(self.checkpoint_dir)}; "

@@ -10,12 +10,6 @@ from __future__ import annotations
 
 import torch
 
-# Classes an optimizer here puts in its state (hence in `last.ckpt`), allowed through `torch.load(weights_only=
-# True)` once their module is imported: torchao registers its own with `torch.serialization.add_safe_globals`.
-STATE_CLASSES = {
-    "torchao.optim.subclass_8bit.OptimState8bit": "torchao.optim.subclass_8bit",
-}
-
 
 def _plain(params, betas) -> tuple[list, tuple[float, float]]:
     """A list of parameters, and betas as a tuple of floats: a ListConfig pickled into an optimizer's
@@ -80,24 +74,6 @@ def is_adamw8bit(optim_cfg) -> bool:
     from hydra.utils import get_method
 
     return optim_cfg is not None and get_method(optim_cfg._target_) is adamw8bit
-
-
-def allow_state_classes(path) -> None:
-    """Make the optimizer-state classes that the checkpoint at `path` names loadable with weights_only, by
-    importing their modules (which allow-list them). Only the classes in `STATE_CLASSES`: anything else the
-    file names is still refused by `torch.load`."""
-    import importlib
-
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a torch zip file: torch.load says so, with the caller's message
-        return
-    for module in sorted({STATE_CLASSES[n] for n in names if n in STATE_CLASSES}):
-        try:
-            importlib.import_module(module)
-        except ImportError as error:
-            raise ValueError(f"checkpoint {str(path)!r} holds {module} optimizer state; "
-                              f"reading it needs torchao: pip install 'torchao>=0.10'") from error
 
 
 def check_optimizer(optim_cfg, trainer_cfg) -> None:

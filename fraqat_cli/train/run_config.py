@@ -19,8 +19,8 @@ from fraqat_cli.train.sweep import METRICS_FILE
 # Keys (and key prefixes) that do not change the trained student: where things go, how often they are saved or
 # drawn, how progress is reported, what stops a diverging run, and memory-for-compute trades.
 NOT_TRAINING = (
-    "logger", "resume", "cache_dir", "run_name", "checkpoint_every_n_steps", "keep_checkpoints",
-    "checkpoint_optimizer", "sample_every_n_steps", "num_sample_images", "check_memory", "gradient_checkpointing",
+    "logger", "callbacks", "resume", "cache_dir", "run_name", "checkpoint", "sample_every_n_steps",
+    "num_sample_images", "gradient_checkpointing",
     "divergence", "validation.every_n_steps", "data.num_workers", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.enable_checkpointing", "trainer.enable_model_summary",
 )
@@ -78,7 +78,7 @@ def previous_result(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> dict | No
     """The stored result when the folder's run is the one asked for and has run all its steps; None to train.
 
     A folder whose run was trained with another config is refused (`check_same_run`)."""
-    from fraqat_cli.train.checkpointing import stored_run
+    from fraqat_cli.student.checkpoint import stored_run
 
     if cfg.resume not in ("auto", "force"):  # an explicit checkpoint: the user chose what to continue from
         return None

@@ -173,7 +173,7 @@ def stand_in_data(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     the training noise bound to the stand-in parts' scheduler (the real one's settings)."""
     from types import SimpleNamespace
 
-    from fraqat_cli.train.command import TrainingData
+    from fraqat_cli.train.assembly import TrainingData
     from fraqat_cli.train.rng_state import TrainingOrder
 
     scheduler = instantiate(_stand_in_parts(cfg.model)["scheduler"])
@@ -242,7 +242,7 @@ def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, ac
 def _module_to_trace(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     """fraqat-train's own distillation module around `teacher`, built quietly; static activation ranges are
     measured on data and hold no memory of their own in the step, so they are left out."""
-    from fraqat_cli.train.command import distillation_module
+    from fraqat_cli.train.assembly import distillation_module
 
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):

@@ -1,108 +1,17 @@
-"""Make the student: a float32 copy of the teacher with fake-quantized linear layers; or rebuild a trained one.
-
-Training copies the teacher (float32 master weights). Evaluation and export rebuild a trained student
-from its checkpoint without copying any weight of the teacher: its structure is taken on the meta device
-(no memory) and the checkpoint's tensors are assigned into it, one at a time cast to where they are used.
-"""
+"""Rebuild a trained student from its checkpoint without copying any weight of the teacher: its structure is
+taken on the meta device (no memory) and the checkpoint's tensors are assigned into it, one at a time cast to
+where they are used (evaluation and export)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
-from importlib import resources
-
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fraqat_cli.checks import positive_int
-from fraqat_cli.quant import (
-    DEFAULT_INCLUDE,
-    PASS_THROUGH_BITS,
-    FakeQuantizer,
-    QuantConfig,
-    QuantizationSummary,
-    QuantizedLayer,
-    QuantSpec,
-    quantize_model,
-)
-from fraqat_cli.train.checkpointing import StudentCheckpoint, release_pages
-from fraqat_cli.train.lora import merge_lora_state
-
-
-def quant_config(*, granularity: str, group_size: int | None, symmetric: bool, rounding: str,
-                 activation_bits: float | None, activation_granularity: str, activation_symmetric: bool,
-                 activation_rounding: str, static_activations: bool, calibration_batches: int, layers,
-                 weight_bits: float | None, include=DEFAULT_INCLUDE, exclude=(),
-                 scale_dtype: str = "float32") -> QuantConfig:
-    """The `_target_` of `conf/quantizer/_base.yaml`: its flat keys (the names users override) as the quantization
-    core's `QuantConfig`. `weight_bits` comes from the schedule, `include`/`exclude` from `conf/selection`.
-    `scale_dtype` defaults to float32: a checkpoint saved before the key existed trained with float32 scales."""
-    if static_activations:
-        positive_int("quantizer.calibration_batches", calibration_batches)
-    return QuantConfig(
-        weight=QuantSpec(granularity=granularity, group_size=group_size, symmetric=bool(symmetric), rounding=rounding,
-                         scale_dtype=scale_dtype),
-        weight_bits=weight_bits,
-        activation=QuantSpec(granularity=activation_granularity, symmetric=bool(activation_symmetric),
-                             rounding=activation_rounding),
-        activation_bits=activation_bits,
-        static_activations=bool(static_activations),
-        include=tuple(include),
-        exclude=tuple(exclude),
-        layers=layers if isinstance(layers, str) else tuple(layers),  # a lone string: QuantConfig names it
-    )
-
-
-def build_quant_config(quantizer: Mapping, selection: Mapping | None = None,
-                       weight_bits: float | None = 8) -> QuantConfig:
-    """`quantizer` (a `conf/quantizer` entry) says how, `selection` (a `conf/selection` entry; None: the
-    transformer blocks) which layers, `weight_bits` at what width. A quantizer config saved by an older
-    version (no `_target_`, fewer keys) takes what it lacks from `_base.yaml`."""
-    from fraqat_cli.cli import instantiate_or_raise
-
-    node = OmegaConf.create(OmegaConf.to_container(quantizer, resolve=True) if isinstance(quantizer, DictConfig)
-                            else dict(quantizer))
-    if "_target_" not in node:
-        node = OmegaConf.merge(_base_quantizer(), {"granularity": "per_channel"}, node)
-    selection = selection or {}
-    include, exclude = selection.get("include") or DEFAULT_INCLUDE, selection.get("exclude") or ()
-    return instantiate_or_raise(node, weight_bits=weight_bits, include=list(include), exclude=list(exclude))
-
-
-def _base_quantizer() -> DictConfig:
-    return OmegaConf.load(resources.files("fraqat_cli.conf") / "quantizer" / "_base.yaml")
-
-
-def quantize_student(model: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,
-                     start_bits: float) -> QuantizationSummary:
-    """Swap the layers `selection_cfg` names for fake-quantized ones at `start_bits` (the schedule's first
-    width). Activations follow `quantizer.activation_bits` alone (null: full precision)."""
-    return quantize_model(model, build_quant_config(quantizer_cfg, selection_cfg, weight_bits=start_bits))
-
-
-def build_student(teacher: nn.Module, quantizer_cfg: DictConfig, selection_cfg: DictConfig | None,
-                  start_bits: float) -> tuple[nn.Module, QuantizationSummary]:
-    """Copy `teacher`, keep float32 master weights, quantize the layers `selection_cfg` names.
-
-    `start_bits` is the schedule's first bit-width.
-    """
-    student = copy.deepcopy(teacher).train()
-    if student.dtype != torch.float32:
-        student.to(torch.float32)
-    student.requires_grad_(True)
-    return student, quantize_student(student, quantizer_cfg, selection_cfg, start_bits)
-
-
-def model_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters and persistent buffers are empty meta tensors (no memory), ready
-    for `load_state_dict(assign=True)`. Non-persistent buffers (tables computed at construction, which no
-    checkpoint holds) are copied as they are. A skeleton passed in is copied again, still without memory."""
-    empty = {}
-    for tensor in model.state_dict(keep_vars=True).values():
-        meta = torch.empty_like(tensor, device="meta")
-        empty[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, empty)
+from fraqat_cli.quant import PASS_THROUGH_BITS, FakeQuantizer, QuantizedLayer
+from fraqat_cli.student.build import model_skeleton, quantize_student
+from fraqat_cli.student.checkpoint import StudentCheckpoint, release_pages
+from fraqat_cli.student.finite import first_non_finite
+from fraqat_cli.student.lora import merge_lora_state
 
 
 class QuantizedWeight(nn.Module):
@@ -174,11 +83,8 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     return student.requires_grad_(False).eval()
 
 
-
 def refuse_non_finite(checkpoint: StudentCheckpoint) -> None:
     """A checkpoint with a NaN or infinite tensor (a diverged run's) is refused, naming the tensor."""
-    from fraqat_cli.train.divergence import first_non_finite
-
     if (bad := first_non_finite(checkpoint.state)) is not None:
         raise ValueError(f"checkpoint {str(checkpoint.path)!r} holds non-finite weights ({bad!r} has NaN or inf): "
                          f"the run that wrote it diverged; use an earlier checkpoint of that run")

@@ -1,6 +1,6 @@
 """`fraqat-plan`: what a `fraqat-train` run will cost per device, and whether it fits, before it runs.
 
-It takes fraqat-train's overrides, traces one training step (`fraqat_cli.train.plan_trace`: fake tensors, torch's
+It takes fraqat-train's overrides, traces one training step (`fraqat_cli.plan.trace`: fake tensors, torch's
 FLOP counter and memory tracker on the real architecture), spreads what the step holds over the configured
 devices (DDP replicates the student; FSDP shards its weights, gradients and optimizer state), and writes
 `plan.json` into the run's folder. A run that does not fit gets the options that would make it fit, each
@@ -18,9 +18,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.checks import positive_int, positive_number
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors, warn
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
 from fraqat_cli.files import atomic_write
-from fraqat_cli.train.plan_trace import StepTrace, trace_step
+from fraqat_cli.plan.trace import StepTrace, trace_step
 
 PLAN_FILE = "plan.json"
 GB = 1e9
@@ -291,32 +291,9 @@ def write_plan(plan: dict, run_dir: Path) -> Path:
     return path
 
 
-def check_before_training(cfg: DictConfig) -> None:
-    """At the start of a GPU run: warn when the traced step will not fit this GPU's memory (never fails).
-    One process checks (local rank 0): the others would trace the same step."""
-    import os
-
-    import torch
-
-    if not cfg.get("check_memory", True) or str(cfg.trainer.accelerator) == "cpu" or not torch.cuda.is_available():
-        return
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    try:
-        layout, samples = layout_of(cfg), training_samples(cfg)
-        trace, _ = trace_run(cfg, layout, samples)
-        peak, memory = per_device(trace, layout)["peak"], torch.cuda.get_device_properties(0).total_memory
-    except Exception as error:  # the plan is advice: a config it cannot trace still trains
-        warn(f"could not plan this run's memory ({type(error).__name__}: {error})")
-        return
-    if peak > memory:
-        warn(f"this run's traced peak is {_size(peak)} per device, more than this GPU's {_size(memory)}; "
-             f"fraqat-plan with the same overrides lists the options that would make it fit")
-
-
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from fraqat_cli.train.command import job_overrides, output_dir
+    from fraqat_cli.train.hydra_job import job_overrides, output_dir
 
     quiet_console()
 

@@ -1,0 +1,1 @@
+"""`fraqat-plan`: a run's memory, time and cost before it is launched."""
