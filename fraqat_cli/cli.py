@@ -100,11 +100,6 @@ def quiet_console() -> None:
     wandb logs offline unless WANDB_MODE says otherwise (never blocking on a login)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
-
-    for name in ("lightning.pytorch", "lightning.fabric"):  # device summary, seed, tips (logged twice under Hydra)
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9
     # torchao (for optim=adamw8bit), which diffusers and transformers import when it is installed, registers
     # enums with torch's pytree, and torch logs a deprecation for each: about torchao's internals, not the run
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -117,3 +112,14 @@ def quiet_console() -> None:
     diffusers.utils.logging.set_verbosity_error()  # dtype-cast notices about tiny twins' float32 parts
     diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of small text encoders
+
+
+def quiet_lightning() -> None:
+    """`quiet_console` for the commands that use Lightning (training, planning, a logger): its device summary,
+    seed and tips are silenced. Lightning is imported here, not at the top: reading, evaluating and exporting a
+    student never need it, and it sets its loggers to INFO when imported, so it is imported before they are set."""
+    import lightning  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # logged twice under Hydra
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning on torch >= 2.9

@@ -20,7 +20,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from fraqat_cli.checks import positive_int
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
 from fraqat_cli.files import atomic_write
 
 CSV_COLUMNS = (
@@ -133,6 +133,7 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
     from hydra.utils import instantiate
     from PIL import Image
 
+    quiet_lightning()  # the loggers are Lightning's: imported only when one is configured
     logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
     for step, r in enumerate(results):
         logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.checks import positive_int, positive_number
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
 from fraqat_cli.files import atomic_write
 from fraqat_cli.plan.trace import StepTrace, trace_step
 
@@ -296,6 +296,7 @@ def main(cfg: DictConfig) -> None:
     from fraqat_cli.train.hydra_job import job_overrides, output_dir
 
     quiet_console()
+    quiet_lightning()
 
     def work():
         instantiate_or_raise(cfg.schedule)  # a bad schedule fails as fraqat-train's would

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.checks import positive_int, positive_number
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.files import atomic_write, check_writable, not_a_folder
 from fraqat_cli.models.generation import student_grid_maker
@@ -204,6 +204,7 @@ def main(cfg: DictConfig) -> float | None:
     """Train, print the metrics, and return the held-out validation loss: the objective a sweeper
     (`hparams_search=schedule`, Optuna) minimises. None when `validation.share=0` holds no rows out."""
     quiet_console()
+    quiet_lightning()
     metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
         print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
