@@ -98,7 +98,7 @@ def write_graphs(name: str, width: int, layers: int, folder: Path) -> tuple[Path
 
     from fraqat_cli.export.onnx_graph import DenoiserGraph, _squeeze_dim
     from fraqat_cli.export.onnx_nbits import export_nbits
-    from fraqat_cli.models.embeddings import conditioning_of
+    from fraqat_cli.models.conditioning import conditioning_of
 
     model, family, example = build(name, width, layers)
     wrapper = DenoiserGraph(model, family, list(conditioning_of(example))).eval()
@@ -258,7 +258,7 @@ def write_diffusers_variants(name: str, width: int, layers: int, folder: Path) -
     """The three files the variants load, and the transformer's call arguments in bfloat16."""
     from fraqat_cli.export.diffusers_folder import TRANSFORMER, write_transformer
     from fraqat_cli.export.gguf import write_gguf
-    from fraqat_cli.models.embeddings import conditioning_of
+    from fraqat_cli.models.conditioning import conditioning_of
     from fraqat_cli.quant import QuantConfig, QuantizedLayer, QuantSpec, quantize_model
 
     teacher, family, example = diffusers_model(name, width, layers)

@@ -34,7 +34,7 @@ BASELINE_IMPORTS = (
     "from transformers import T5EncoderModel;"
     "import fraqat_cli.evaluate.command, fraqat_cli.evaluate.evaluator, fraqat_cli.evaluate.targets,"
     " fraqat_cli.evaluate.metrics, fraqat_cli.evaluate.fid_features, fraqat_cli.export.command,"
-    " fraqat_cli.export.packed, fraqat_cli.student.rebuild, fraqat_cli.models.loading"
+    " fraqat_cli.export.safetensors_file, fraqat_cli.student.rebuild, fraqat_cli.models.loading"
 )
 
 

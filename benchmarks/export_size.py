@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
 
-from fraqat_cli.export.packed import export_packed
+from fraqat_cli.export.safetensors_file import export_packed
 from fraqat_cli.quant import QuantConfig, QuantSpec, layer_kind, quantize_model
 
 
@@ -117,9 +117,9 @@ def main() -> None:
 def gguf_bytes(model: torch.nn.Module, folder: Path) -> tuple[int, float]:
     """(bytes of the GGUF file `fraqat-export format=gguf` writes for `model` quantized W4 per-group-32 on every
     linear layer, the quantized share of its parameters), its unquantized tensors from bf16."""
-    from fraqat_cli.export.deployable import deployable_layers
+    from fraqat_cli.export.deploy_checks import deployable_layers
     from fraqat_cli.export.gguf import stored_tensors, write_file
-    from fraqat_cli.export.packed import round_unquantized
+    from fraqat_cli.export.safetensors_file import round_unquantized
 
     student = copy.deepcopy(model)
     summary = quantize_model(student, QuantConfig(weight=QuantSpec("per_group", 32, scale_dtype="float16"),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from omegaconf import OmegaConf
 
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.families import SanaFamily
 from fraqat_cli.models.noise import FlowMatchingNoise
 from fraqat_cli.student.build import build_student

@@ -20,7 +20,7 @@ from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.data.captions import offline_captions
 from fraqat_cli.data.conditioning import conditioning_store, prompt_conditioning
 from fraqat_cli.data.sources import ConditionedLatents, PromptOnlySource
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.families import SanaFamily
 from fraqat_cli.models.generation import generate
 from fraqat_cli.models.loading import load_model

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
 from fraqat_cli.export.onnx_graph import export_onnx, run_onnxruntime
 from fraqat_cli.export.onnx_nbits import export_nbits, pack_blocks
-from fraqat_cli.export.packed import export_packed, load_packed, round_unquantized
+from fraqat_cli.export.safetensors_file import export_packed, load_packed, round_unquantized
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantConfig, QuantConv2d, QuantSpec, quantize_model
 
@@ -186,7 +186,7 @@ def test_a_file_missing_a_tensor_names_the_file_and_the_tensor(sana, dropped, tm
 
 
 def test_an_onnx_file_without_onnxruntime_says_how_to_install_it(monkeypatch, tmp_path):
-    from fraqat_cli.export.deployed import OnnxDenoiser
+    from fraqat_cli.export.exported_denoiser import OnnxDenoiser
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(ModuleNotFoundError, match="pip install onnxruntime"):
@@ -212,7 +212,7 @@ def test_an_export_resolves_as_an_eval_target_with_its_model_config(sana, tmp_pa
 
 
 def test_the_onnx_denoiser_stands_in_for_the_transformer_at_any_batch(sana, tmp_path):
-    from fraqat_cli.export.deployed import OnnxDenoiser
+    from fraqat_cli.export.exported_denoiser import OnnxDenoiser
 
     _, family, teacher, example = sana
     model = student(teacher)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from train_support import quantizer_preset
 
 from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
-from fraqat_cli.export.packed import export_packed, load_packed, read_metadata
+from fraqat_cli.export.safetensors_file import export_packed, load_packed, read_metadata
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantSpec, set_weight_bits
 from fraqat_cli.quant.fake_quant import code_range, dequantize_codes, fake_quantize_spec, quantize_to_codes

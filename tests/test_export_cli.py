@@ -45,7 +45,7 @@ def test_safetensors_export_reloads_to_the_student_and_reports_its_size(run_dir,
     assert "of float32" in result.stdout and "of the teacher in bfloat16" in result.stdout
     assert "relative difference" in result.stdout
 
-    from fraqat_cli.export.packed import load_packed
+    from fraqat_cli.export.safetensors_file import load_packed
 
     loaded = load_packed(tmp_path / "w4.safetensors")
     assert loaded.info["model"] == "tiny_sana" and loaded.info["granularity"] == "per_channel"

@@ -28,8 +28,8 @@ from fraqat_cli.export.diffusers_folder import (
 )
 from fraqat_cli.export.example_inputs import example_inputs, relative_difference
 from fraqat_cli.export.model_card import model_card
-from fraqat_cli.export.packed import round_unquantized
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.export.safetensors_file import round_unquantized
+from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.loading import load_pipeline
 from fraqat_cli.quant import QuantizedLayer, set_activation_bits, set_weight_bits
 from fraqat_cli.quant.fake_quant import quantize_to_codes

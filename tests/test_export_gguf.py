@@ -157,8 +157,8 @@ def stored_student(run_dir: Path, cache_dir: Path):
     """(the run's student as the GGUF holds it, its family, its transformer kwargs on the export's example):
     unquantized tensors in float16 (what `dtype=auto` ships for a float32 model), activations unquantized."""
     from fraqat_cli.export.example_inputs import example_inputs
-    from fraqat_cli.export.packed import round_unquantized
-    from fraqat_cli.models.embeddings import conditioning_of
+    from fraqat_cli.export.safetensors_file import round_unquantized
+    from fraqat_cli.models.conditioning import conditioning_of
     from fraqat_cli.models.loading import family_of, load_model
     from fraqat_cli.quant import set_activation_bits
     from fraqat_cli.student.build import model_skeleton
@@ -350,7 +350,7 @@ def test_float32_scales_are_reported_and_sana_convolutions_stored_dequantized(tm
 
     from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
     from fraqat_cli.export.gguf import load_gguf, write_gguf
-    from fraqat_cli.export.packed import round_unquantized
+    from fraqat_cli.export.safetensors_file import round_unquantized
     from fraqat_cli.models.loading import load_pipeline
     from fraqat_cli.student.build import build_student
 

@@ -243,7 +243,7 @@ def test_bad_lora_settings_name_the_value_and_what_is_allowed(tiny_sana_transfor
 def test_lora_with_8bit_adamw_trains_resumes_evaluates_and_exports_the_toy(tmp_path, cache_dir):
     """The one-GPU setting for large models, on the toy: 2 steps, resumed to 4, exported and evaluated. The
     exported codes are the fake-quantized merged weights W + alpha/rank B A, computed here from the checkpoint."""
-    from fraqat_cli.export.packed import load_packed
+    from fraqat_cli.export.safetensors_file import load_packed
 
     run = tmp_path / "run"
     fast = [a for a in FAST[1:] if not a.startswith("trainer.max_steps=")]

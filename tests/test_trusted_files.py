@@ -55,7 +55,7 @@ def crafted_checkpoint(path: Path, config: dict) -> Path:
 def crafted_safetensors(path: Path, model_config: dict, transformer_class: str) -> Path:
     from safetensors.torch import save_file
 
-    from fraqat_cli.export.packed import FORMAT
+    from fraqat_cli.export.safetensors_file import FORMAT
 
     info = {"model": model_config["name"], "schedule": "fractional", "granularity": "per_tensor", "step": 4,
             "weight_bits": 4.0, "teacher_dtype": "float32", "model_config": model_config}

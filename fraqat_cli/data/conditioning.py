@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.checks import positive_int
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import DENOISER_PARTS, family_of, load_pipeline, model_identity
 
 

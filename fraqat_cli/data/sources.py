@@ -22,7 +22,7 @@ from fraqat_cli.checks import positive_int
 from fraqat_cli.data.captions import offline_captions, read_prompt_file
 from fraqat_cli.data.conditioning import encode_device
 from fraqat_cli.data.prompt_sets import coco_caption_pairs
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.generation import generate
 from fraqat_cli.models.loading import LoadedModel, model_identity
 

@@ -28,7 +28,7 @@ from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
 from fraqat_cli.evaluate.targets import EvalTarget
 from fraqat_cli.files import atomic_write
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.generation import generate, image_grid
 from fraqat_cli.models.loading import LoadedModel, load_model, model_identity
 from fraqat_cli.student.build import model_skeleton
@@ -66,12 +66,12 @@ def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.dev
                  ) -> torch.nn.Module:
     """The student of `target.checkpoint`, in `teacher`'s inference dtype, on `device` (default: the
     teacher's), its quantized weights those it trained with (`rebuild_student(bake=True)`); or the deployed
-    model in `target.artifact` (`fraqat_cli.export.deployed`). `teacher` may be a skeleton (`model_skeleton`): only
-    its structure and dtype are used."""
+    model in `target.artifact` (`fraqat_cli.export.exported_denoiser`). `teacher` may be a skeleton
+    (`model_skeleton`): only its structure and dtype are used."""
     first = next(teacher.parameters())
     device = device or (first.device if not first.is_meta else "cpu")
     if target.artifact is not None:
-        from fraqat_cli.export.deployed import load_deployed
+        from fraqat_cli.export.exported_denoiser import load_deployed
 
         return load_deployed(target.artifact, teacher, first.dtype, device)
     stored = StudentCheckpoint.read(target.checkpoint, model=target.config.model)  # the model config it was read with

@@ -27,7 +27,7 @@ SIXTEEN_BITS = ("bfloat16", "float16")
 
 
 def check_settings(cfg: DictConfig) -> None:
-    from fraqat_cli.export.packed import PLAIN_DTYPES
+    from fraqat_cli.export.safetensors_file import PLAIN_DTYPES
 
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not offered; allowed: {', '.join(FORMATS)}")
@@ -147,9 +147,9 @@ def trained_student(stored, skeleton, family, example: dict, source: str, dtype:
     deploy. The deployed student is the file's model: what the check must reproduce exactly."""
     import torch
 
-    from fraqat_cli.export.deployable import deployable_layers, layer_record
+    from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
     from fraqat_cli.export.example_inputs import relative_difference, student_prediction
-    from fraqat_cli.export.packed import round_unquantized
+    from fraqat_cli.export.safetensors_file import round_unquantized
     from fraqat_cli.student.rebuild import rebuild_student
 
     student = rebuild_student(stored, skeleton)  # a LoRA-QAT student's updates come merged (lora.merge_lora_state)
@@ -182,7 +182,7 @@ def staging(out: Path):
 def write_format(cfg: DictConfig, student, family, example: dict, path: Path, info: dict, source: str,
                  dtype: str) -> dict:
     """Write `student` to `path` in `cfg.format`; returns the report's format-specific part (size, inputs)."""
-    from fraqat_cli.export.packed import export_packed, size_report
+    from fraqat_cli.export.safetensors_file import export_packed, size_report
 
     if cfg.format == "safetensors":
         export_packed(student, path, info, source, dtype)
@@ -224,7 +224,7 @@ def check_export(cfg: DictConfig, expected, family, example: dict, path: Path) -
 
     with torch.no_grad():
         if cfg.format == "safetensors":
-            from fraqat_cli.export.packed import load_packed
+            from fraqat_cli.export.safetensors_file import load_packed
 
             got, against = student_prediction(load_packed(path).transformer, family, example), "PyTorch student"
         elif cfg.format == "diffusers":

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fraqat_cli.export.deployable import deployable_layers, layer_record
+from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.quant.fake_quant import quantize_to_codes
 
@@ -149,7 +149,7 @@ def torchao_config(layers: dict[str, QuantizedLayer], plain_linears: list[str]):
 def transformer_state(student: nn.Module, layers: dict[str, QuantizedLayer], dtype: torch.dtype) -> dict:
     """The student's state dict as diffusers names it: torchao weights for the quantized layers, every other
     floating-point tensor in `dtype` (the quantizers' own buffers are training state and stay behind)."""
-    from fraqat_cli.export.packed import _plain_state
+    from fraqat_cli.export.safetensors_file import _plain_state
 
     state = {}
     for key, value in _plain_state(student, layers).items():
@@ -166,7 +166,7 @@ def diffusers_config(student: nn.Module, quantization_config) -> dict:
     the quantization config that makes `from_pretrained` expect torchao weights."""
     import diffusers
 
-    from fraqat_cli.export.packed import _config_of
+    from fraqat_cli.export.safetensors_file import _config_of
 
     config = {k: v for k, v in _config_of(student).items() if k not in ("_use_default_values", "_name_or_path")}
     return {**config, "_class_name": type(student).__name__, "_diffusers_version": diffusers.__version__,
@@ -244,7 +244,7 @@ def write_diffusers_folder(student: nn.Module, family, example: dict, path: Path
     on the example: 0 for a student trained without them)."""
     from fraqat_cli.export.example_inputs import relative_difference, student_prediction
     from fraqat_cli.export.model_card import model_card
-    from fraqat_cli.export.packed import size_report
+    from fraqat_cli.export.safetensors_file import size_report
 
     layers = check_student(student, source)
     with torch.no_grad():

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from fraqat_cli.data.captions import offline_captions
 from fraqat_cli.data.conditioning import prompt_conditioning
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.models.conditioning import conditioning_of
 
 
 def example_inputs(model_cfg: DictConfig, pipe, example_cfg: DictConfig, cache_dir: str) -> dict[str, torch.Tensor]:

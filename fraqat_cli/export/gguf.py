@@ -28,11 +28,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from torch import nn
 
-from fraqat_cli.export.deployable import deployable_layers, layer_record
+from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.export.example_inputs import relative_difference, student_prediction
 from fraqat_cli.export.gguf_blocks import BLOCK, block_type, block_view, check_group_size, pack_blocks
 from fraqat_cli.export.gguf_keys import TABLES, original_layout
-from fraqat_cli.export.packed import QUANTIZER_PARTS, _config_of
+from fraqat_cli.export.safetensors_file import QUANTIZER_PARTS, _config_of
 from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import set_activation_bits
 from fraqat_cli.quant.fake_quant import quantize_to_codes

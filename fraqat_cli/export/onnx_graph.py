@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fraqat_cli.export.deployable import deployable_layers, layer_record
+from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.files import atomic_write
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.quant.fake_quant import SMALLEST_SPAN, quantize_to_codes
 

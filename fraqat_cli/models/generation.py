@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import LoadedModel
 
 

@@ -26,7 +26,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fraqat_cli.models.architecture import block_classes, build_transformer, count_parameters
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.loading import LoadedModel, family_of, load_pipeline, model_dtype
 
 TOTAL = "Total"  # MemTracker's key for a device's sum

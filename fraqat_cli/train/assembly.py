@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 from fraqat_cli.cli import instantiate_or_raise
 from fraqat_cli.data.conditioning import conditioning_store
 from fraqat_cli.data.sources import ConditionedLatents
-from fraqat_cli.models.embeddings import Conditioning
+from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.student.build import build_student
 from fraqat_cli.student.lora import lora_from_config

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fraqat_cli.models.embeddings import conditioning_of
+from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.quant import ActivationQuantizer, calibrate_activations
 from fraqat_cli.student.checkpoint import stamp_record
 from fraqat_cli.train.attention_backends import restricted_attention

@@ -42,7 +42,7 @@ def artifact_info(path: Path) -> dict:
     if path.is_dir():
         info, fmt = _json_record(stored_info(path), path), "diffusers"
     elif path.suffix == ".safetensors":
-        from fraqat_cli.export.packed import read_metadata
+        from fraqat_cli.export.safetensors_file import read_metadata
 
         metadata = read_metadata(path)
         check_transformer_class(metadata.get("transformer_class"), f"{str(path)!r}")  # before anything is built
@@ -85,7 +85,7 @@ def load_deployed(path: Path, like: nn.Module, dtype: torch.dtype, device) -> nn
 
         return load_folder(path, dtype).to(device)
     if path.suffix == ".safetensors":
-        from fraqat_cli.export.packed import load_packed
+        from fraqat_cli.export.safetensors_file import load_packed
         from fraqat_cli.quant import FakeQuantizer
 
         model = load_packed(path).transformer.to(device=device, dtype=dtype)

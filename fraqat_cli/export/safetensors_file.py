@@ -22,7 +22,7 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
-from fraqat_cli.export.deployable import deployable_layers, layer_record
+from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import PASS_THROUGH_BITS, QuantConv2d, QuantizedLayer, QuantLinear, QuantSpec
 from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
