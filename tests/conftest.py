@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # --- whole suite ----------------------------------------------------------------------------------------
 # The tiny models run fastest on one thread, and a second thread per process turns into a pile-up when
@@ -52,15 +55,13 @@ def single_threaded_torch():
 
 @pytest.fixture
 def tiny_sana_transformer():
-    """A two-block SanaTransformer2DModel with random weights (seed 0): the real diffusers class, CPU-sized."""
-    from diffusers import SanaTransformer2DModel  # imported here: the other quant tests need torch only
+    """`conf/model/tiny_sana.yaml`'s transformer with random weights (seed 0): the real diffusers class, CPU-sized,
+    built from the same config fraqat-train's tiny_sana uses."""
+    from hydra.utils import instantiate  # imported here: the other quant tests need torch only
+    from omegaconf import OmegaConf
 
     torch.manual_seed(0)
-    return SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
-        caption_channels=32, sample_size=16, patch_size=2,
-    )
+    return instantiate(OmegaConf.load(CONF / "model" / "tiny_sana.yaml").components.transformer)
 
 
 @pytest.fixture
