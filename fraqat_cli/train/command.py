@@ -34,7 +34,7 @@ from fraqat_cli.train.checkpointing import (
     report_checkpoint_space,
     resume_path,
 )
-from fraqat_cli.train.divergence import check_divergence_settings, divergence_guard
+from fraqat_cli.train.divergence import check_divergence_settings, divergence_guard, divergence_hint
 from fraqat_cli.train.hydra_job import job_overrides, output_dir
 from fraqat_cli.train.optimizers import check_optimizer
 from fraqat_cli.train.rng_state import RandomState
@@ -55,7 +55,7 @@ def check_numbers(cfg: DictConfig) -> None:
     check_checkpoint_settings(cfg.checkpoint)
     check_optimizer(cfg.optim, cfg.trainer)
     check_lora_settings(cfg.trainable)
-    check_divergence_settings(cfg)
+    check_divergence_settings(cfg.divergence)
     positive_int("validation.every_n_steps", cfg.validation.every_n_steps)
     attention_backends(cfg.attention_backends)
     held_out_rows(2, cfg.validation.share, 0)  # the share's range, checked before any model is built
@@ -132,8 +132,10 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     report_checkpoint_space(cfg.checkpoint, cfg.optim, student, run_dir / "checkpoints")
     stats = StepStats()
     callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
-                 *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"), *configured_callbacks(cfg)]
-    if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
+                 *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"),
+                 *configured_callbacks(cfg.get("callbacks"))]
+    hint = divergence_hint(cfg.optim, cfg.trainer)
+    if (guard := divergence_guard(cfg.divergence, hint, run_dir / "checkpoints")) is not None:  # NaN/inf: exit 2
         callbacks.append(guard)
     if data.held_out is not None:
         callbacks.append(HeldOutLoss(data.held_out, cfg.validation.every_n_steps, data.batch_size, cfg.validation.seed))
@@ -151,9 +153,9 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     return trainer, stats
 
 
-def configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The callbacks `conf/callbacks` names (a null entry is one turned off)."""
-    return [instantiate_or_raise(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+def configured_callbacks(callbacks: DictConfig | None) -> list[L.Callback]:
+    """The callbacks the `callbacks` node (`conf/callbacks`) names; a null entry is one turned off."""
+    return [instantiate_or_raise(node) for node in (callbacks or {}).values() if node is not None]
 
 
 def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:

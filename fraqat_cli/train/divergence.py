@@ -81,23 +81,24 @@ class DivergenceGuard(L.Callback):
                 f"try {self.hint}")
 
 
-def divergence_hint(cfg) -> str:
-    """What to change, from the run's own settings: the learning rate always, the precision when reduced."""
-    hint = f"a lower optim.lr (now {cfg.optim.lr:g})"
-    precision = str(cfg.trainer.get("precision", "32-true"))
+def divergence_hint(optim, trainer) -> str:
+    """What to change, from the run's own settings (the `optim` and `trainer` nodes): the learning rate always,
+    the precision when reduced."""
+    hint = f"a lower optim.lr (now {optim.lr:g})"
+    precision = str(trainer.get("precision", "32-true"))
     if not precision.startswith("32"):
         hint += f" or trainer.precision=32-true (now {precision})"
     return hint
 
 
-def check_divergence_settings(cfg) -> None:
-    """`divergence.factor` and `divergence.window`, refused with the allowed values before any model is built."""
-    LossWatch(cfg.divergence.factor, cfg.divergence.window)
+def check_divergence_settings(divergence) -> None:
+    """The `divergence` node's `factor` and `window`, refused with the allowed values before any model is built."""
+    LossWatch(divergence.factor, divergence.window)
 
 
-def divergence_guard(cfg, checkpoint_dir: Path) -> DivergenceGuard | None:
-    """The guard `cfg.divergence` asks for (None when `divergence.enabled` is false)."""
-    settings = cfg.divergence
-    if not settings.enabled:
+def divergence_guard(divergence, hint: str, checkpoint_dir: Path) -> DivergenceGuard | None:
+    """The guard the `divergence` node asks for (None when `divergence.enabled` is false); `hint`: what to change
+    (`divergence_hint`)."""
+    if not divergence.enabled:
         return None
-    return DivergenceGuard(checkpoint_dir, divergence_hint(cfg), settings.factor, settings.window)
+    return DivergenceGuard(checkpoint_dir, hint, divergence.factor, divergence.window)
