@@ -176,7 +176,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, er
     assert not (tmp_path / "results.csv").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("logger", ["csv", "none", "wandb"])
+@pytest.mark.parametrize("logger", ["csv", "none", "wandb", "tensorboard", "mlflow"])
 def test_every_logger_option_resolves_in_the_eval_config(logger):
     """`fraqat-eval` instantiates the logger last, after every image and metric: a bad key there fails the run."""
     cfg = compose_eval("ckpt=teacher", "model=toy", f"logger={logger}")

@@ -21,6 +21,7 @@ from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.files import atomic_write, not_a_folder
+from fraqat_cli.loggers import finish_run
 from fraqat_cli.train.run_length import check_run_length, run_length
 from fraqat_cli.train.sweep import METRICS_FILE
 
@@ -127,6 +128,8 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
         if trainer.interrupted:  # Lightning's answer to Ctrl-C: a clean shutdown, then exit(1)
             raise TrainingInterrupted(interrupted_at(trainer, run_dir / "checkpoints")) from None
         raise
+    finally:
+        finish_run()  # the next job of a sweep (same process) starts its own logger run
     # 6. Report.
     return report(cfg, trainer, schedule, summary, stats, run_dir)
 
@@ -299,10 +302,11 @@ def first_batches(dataset, batch_size: int, count: int) -> list[dict]:
 
 
 def make_logger(cfg: DictConfig, run_dir: Path):
-    """The configured Lightning logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
-    if not cfg.logger:
-        return False
-    return instantiate(cfg.logger, save_dir=str(run_dir))
+    """The configured Lightning logger, its run named after this job's overrides (wandb: offline unless
+    WANDB_MODE says otherwise, `quiet_console`)."""
+    from fraqat_cli.loggers import make_logger as job_logger
+
+    return job_logger(cfg, run_dir)
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")
