@@ -22,6 +22,7 @@ from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_er
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.files import atomic_write, not_a_folder
 from fraqat_cli.loggers import finish_run
+from fraqat_cli.train.last_run import point_last_run
 from fraqat_cli.train.run_length import check_run_length, run_length
 from fraqat_cli.train.sweep import METRICS_FILE
 
@@ -92,6 +93,8 @@ def train(cfg: DictConfig) -> dict:
             if ckpt_path and (result := previous_result(cfg, ckpt_path, run_dir)) is not None:
                 return result
             hydra_files.adopt()
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
+                point_last_run(cfg.last_run_link, run_dir)  # runs/last: fraqat-eval ckpt=runs/last
             return fit(cfg, schedule, source, run_dir, ckpt_path)
     except KeyboardInterrupt:  # Ctrl-C before the first step (Lightning turns one during fit into an exit)
         raise TrainingInterrupted("interrupted before training started; run the same command again") from None
@@ -137,12 +140,21 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
 def interrupted_at(trainer, checkpoint_dir: Path) -> str:
     from fraqat_cli.train.checkpointing import LAST, read_head
 
-    message = f"interrupted at step {trainer.global_step}; resume with the same command"
+    message = (f"interrupted at step {trainer.global_step}; resume with the same command"
+               f"{'' if _run_dir_given() else f' and hydra.run.dir={checkpoint_dir.parent}'}")
     try:
         step, _ = read_head(checkpoint_dir / LAST)
     except (ValueError, FileNotFoundError):
         return message + " (no checkpoint was written yet: it starts afresh)"
     return message + f" (it continues from step {step}, the last checkpoint)"
+
+
+def _run_dir_given() -> bool:
+    """Whether the command line names the run folder (else the same command makes a new, timestamped one)."""
+    try:
+        return any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+    except ValueError:
+        return True
 
 
 @dataclass
