@@ -18,12 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.checks import positive_int, positive_number
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, run_reporting_errors, warn
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.files import atomic_write, not_a_folder
 from fraqat_cli.loggers import finish_run
 from fraqat_cli.train.last_run import point_last_run
-from fraqat_cli.train.run_length import check_run_length, run_length
+from fraqat_cli.train.run_length import check_run_length, run_length, short_schedule_warning
 from fraqat_cli.train.sweep import METRICS_FILE
 
 
@@ -119,6 +119,8 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
     # 4. The trainer; its device count sets the accumulation that reaches the global batch, and the steps.
     trainer, stats = make_trainer(cfg, data, schedule, module.student, run_dir)
     fix_run_length(cfg, trainer, module, len(data.dataset))
+    if (too_short := short_schedule_warning(schedule, cfg.trainer.max_steps)) is not None:
+        warn(too_short)  # e.g. 20 steps of the fractional schedule never reach 5 bits
     # 5. Fit; last.ckpt resumable (optimizer, loop position, random state), step checkpoints the student alone.
     if ckpt_path:
         print(f"resuming from {ckpt_path}")
