@@ -125,7 +125,8 @@ def quiet_console() -> None:
     # enums with torch's pytree, and torch logs a deprecation for each: about torchao's internals, not the run
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")  # the shipped FID Inception
-    # from_pretrained(torch_dtype=) is the spelling every diffusers release we support accepts
+    # diffusers releases before `dtype=` (fraqat_cli.models.dtype_keyword passes it where it is taken) warn of
+    # torch_dtype in their own loaders' internals
     warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
     import diffusers
     import transformers
