@@ -258,3 +258,10 @@ def test_an_export_folder_from_ls_is_one_line_and_exit_2_through_the_console_scr
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [s for s in result.stderr.splitlines() if "error" in s]
     assert line.startswith("fraqat-eval: error: ") and f"ckpt={folder / 'student.safetensors'}" in line
+
+
+def test_the_results_csv_lands_in_the_evals_own_folder_unless_a_shared_one_is_asked_for(tmp_path):
+    """Not `evals/results.csv` relative to wherever the user stands: the eval's folder, or the path given."""
+    assert compose_eval("ckpt=teacher", f"out_dir={tmp_path}/eval").results_csv == f"{tmp_path}/eval/results.csv"
+    shared = compose_eval("ckpt=teacher", f"out_dir={tmp_path}/eval", f"results_csv={tmp_path}/all.csv")
+    assert shared.results_csv == f"{tmp_path}/all.csv"
