@@ -13,7 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from fraqat_cli.errors import ExpectedFailure
+
 NAME_KEY = "logger_run_name"
+
+
+class LoggerNotInstalled(ExpectedFailure):
+    """The configured logger's library is missing: one line naming it and how to install it, exit 2."""
 
 
 def job_run_name(base: str, overrides: list[str]) -> str:
@@ -27,6 +33,7 @@ def make_logger(cfg: DictConfig, save_dir: Path):
     the user named it (`logger_run_name=...`); False for `logger=none`."""
     if not cfg.logger:
         return False
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     overrides = _job_overrides()
@@ -34,7 +41,14 @@ def make_logger(cfg: DictConfig, save_dir: Path):
     if not any(o.lstrip("+~").startswith(NAME_KEY + "=") for o in overrides):
         with open_dict(cfg):
             cfg[NAME_KEY] = job_run_name(str(cfg[NAME_KEY]), overrides)
-    return instantiate(cfg.logger, save_dir=str(save_dir))
+    try:
+        return instantiate(cfg.logger, save_dir=str(save_dir))
+    except InstantiationException as error:  # logger=tensorboard or mlflow without its package
+        if isinstance(error.__cause__, ImportError):
+            raise LoggerNotInstalled(f"logger {cfg.logger._target_} needs a package that is not installed "
+                                     f"({error.__cause__}); pip install 'fraqat-cli[loggers]', or choose "
+                                     f"logger=csv, wandb or none") from None
+        raise
 
 
 def _job_overrides() -> list[str]:

@@ -3,6 +3,7 @@ real `fraqat-train` console script; TensorBoard and MLflow write local files (of
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,19 @@ def test_tensorboard_and_mlflow_log_each_job_into_its_own_run_folder(tmp_path, c
                                                                        "logger=mlflow"])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     assert not (tensorboard_job / "mlflow.db").exists() and not list(mlflow_job.glob("tensorboard"))
+
+
+def test_a_logger_whose_library_is_missing_is_one_clear_failure(tmp_path):
+    """Lightning's Neptune logger stands in for logger=tensorboard or mlflow on a machine without their package."""
+    from omegaconf import OmegaConf
+
+    from fraqat_cli.errors import ExpectedFailure
+    from fraqat_cli.loggers import make_logger
+
+    pytest.importorskip("lightning")
+    if importlib.util.find_spec("neptune") is not None:
+        pytest.skip("neptune is installed here: nothing is missing")
+    cfg = OmegaConf.create({"logger": {"_target_": "lightning.pytorch.loggers.NeptuneLogger"}, "run_name": "r",
+                            "logger_run_name": "r"})
+    with pytest.raises(ExpectedFailure, match=r"pip install 'fraqat-cli\[loggers\]'"):
+        make_logger(cfg, tmp_path)
