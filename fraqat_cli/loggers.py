@@ -37,7 +37,6 @@ def make_logger(cfg: DictConfig, save_dir: Path):
     from hydra.utils import instantiate
 
     overrides = _job_overrides()
-
     if not any(o.lstrip("+~").startswith(NAME_KEY + "=") for o in overrides):
         with open_dict(cfg):
             cfg[NAME_KEY] = job_run_name(str(cfg[NAME_KEY]), overrides)
