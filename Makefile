@@ -67,4 +67,4 @@ bench-quality: install
 	$(PY) scripts/compare_schedules.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache site
+	rm -rf $(VENV) outputs multirun runs evals .pytest_cache site

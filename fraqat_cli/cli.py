@@ -70,6 +70,22 @@ class WritableRunFolder(Callback):
             sys.exit(EXIT_BAD_INPUT)
 
 
+class RequiredKeys(Callback):
+    """A Hydra callback: a key the config leaves at `???` (fraqat-eval's `ckpt`) is refused in one line, exit 2,
+    before Hydra creates the run folder and before the command imports torch (`fraqat_cli.entry`)."""
+
+    def __init__(self, program: str) -> None:
+        self.program = program
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from fraqat_cli.entry import refuse_missing
+
+        refuse_missing(self.program, config)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.on_run_start(config)
+
+
 def wandb_logger(**kwargs):
     """Lightning's `WandbLogger` (`conf/logger/wandb.yaml`), without the `anonymous=None` it always passes to
     `wandb.init`: current wandb warns at every run that the setting has no effect."""
@@ -104,7 +120,8 @@ def quiet_console() -> None:
     # enums with torch's pytree, and torch logs a deprecation for each: about torchao's internals, not the run
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")  # the shipped FID Inception
-    # from_pretrained(torch_dtype=) is the spelling every diffusers release we support accepts
+    # diffusers releases before `dtype=` (fraqat_cli.models.dtype_keyword passes it where it is taken) warn of
+    # torch_dtype in their own loaders' internals
     warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
     import diffusers
     import transformers

@@ -110,3 +110,30 @@ def test_a_broken_link_a_missing_anchor_or_a_page_outside_the_nav_fails_the_buil
     assert status != 0 and len(warnings) >= 3, output
     for name in ("nowhere.md", "#no-such-part", "orphan.md"):
         assert name in output.partition("WARNING")[2], (name, output)
+
+
+def longest_module(parts: list[str]):
+    """(length, module) of the longest importable prefix of `parts`."""
+    import importlib
+
+    for length in range(len(parts), 0, -1):
+        try:
+            return length, importlib.import_module(".".join(parts[:length]))
+        except ImportError:
+            continue
+    raise ImportError(".".join(parts))
+
+
+def test_every_dotted_fraqat_name_in_the_docs_exists():
+    """`fraqat_cli.quant.schedules.SmoothSchedule` and the like, as README.md and docs/ name them, import: a module
+    that moved leaves no stale name for a reader to paste."""
+    stale = []
+    for page in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        for name in sorted(set(re.findall(r"fraqat_cli(?:\.\w+)+", page.read_text()))):
+            parts = name.split(".")
+            found, thing = longest_module(parts)
+            for attribute in parts[found:]:
+                thing = getattr(thing, attribute, None)
+            if thing is None:
+                stale.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not stale, stale

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
-from train_support import FAST, cli_env, fraqat_train, train_sweep
+from train_support import FAST, cli_env, console, fraqat_train, train_sweep
 
 from fraqat_cli.data.conditioning import prompt_conditioning
 from fraqat_cli.evaluate.command import CSV_COLUMNS, evaluate, update_csv
@@ -176,7 +176,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, er
     assert not (tmp_path / "results.csv").exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("logger", ["csv", "none", "wandb"])
+@pytest.mark.parametrize("logger", ["csv", "none", "wandb", "tensorboard", "mlflow"])
 def test_every_logger_option_resolves_in_the_eval_config(logger):
     """`fraqat-eval` instantiates the logger last, after every image and metric: a bad key there fails the run."""
     cfg = compose_eval("ckpt=teacher", "model=toy", f"logger={logger}")
@@ -229,3 +229,39 @@ def test_clip_weights_add_clip_score_and_clip_fid_against_the_teachers_images(sw
     student = by_label[job.name]
     assert student["clip_fid"] > 0 and 0 <= student["clip_score"] <= 100
     assert "| CLIP-FID |" in result.stdout
+
+
+def export_folder(tmp_path):
+    """A run's export/ folder as fraqat-export leaves it (empty files: only names are read here)."""
+    folder = tmp_path / "run" / "export"
+    folder.mkdir(parents=True)
+    for name in ("student.safetensors", "student.nbits.onnx", "student.gguf"):
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_an_export_folder_is_refused_naming_the_files_that_evaluate(tmp_path):
+    from fraqat_cli.evaluate.targets import resolve_targets
+
+    folder = export_folder(tmp_path)
+    with pytest.raises(FileNotFoundError) as refused:
+        resolve_targets(str(folder), None)
+    message = str(refused.value)
+    assert f"ckpt={folder / 'student.safetensors'}" in message and f"ckpt={folder / 'student.nbits.onnx'}" in message
+    assert "student.gguf" not in message and ".safetensors, .onnx" in message  # GGUF files are not evaluated
+
+
+@pytest.mark.slow
+def test_an_export_folder_from_ls_is_one_line_and_exit_2_through_the_console_script(tmp_path):
+    folder = export_folder(tmp_path)
+    result = console("fraqat-eval", [f"ckpt={folder}", "logger=none"], cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [s for s in result.stderr.splitlines() if "error" in s]
+    assert line.startswith("fraqat-eval: error: ") and f"ckpt={folder / 'student.safetensors'}" in line
+
+
+def test_the_results_csv_lands_in_the_evals_own_folder_unless_a_shared_one_is_asked_for(tmp_path):
+    """Not `evals/results.csv` relative to wherever the user stands: the eval's folder, or the path given."""
+    assert compose_eval("ckpt=teacher", f"out_dir={tmp_path}/eval").results_csv == f"{tmp_path}/eval/results.csv"
+    shared = compose_eval("ckpt=teacher", f"out_dir={tmp_path}/eval", f"results_csv={tmp_path}/all.csv")
+    assert shared.results_csv == f"{tmp_path}/all.csv"

@@ -26,3 +26,8 @@ def test_installed_wheel_finds_its_configs_outside_the_repository(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "name: integer" in out.stdout and "granularity: per_tensor" in out.stdout
+    helped = subprocess.run([sys.executable, "-c", "import sys; from fraqat_cli.entry import evaluate; "
+                             "sys.argv = ['fraqat-eval', '--help']; evaluate()"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "Required keys" in helped.stdout, helped.stderr[-2000:]
+    assert "  logger: csv, mlflow, none, tensorboard, wandb*" in helped.stdout  # the groups, from the wheel's conf

@@ -151,3 +151,12 @@ def test_flux_fits_eight_80gb_gpus_with_fsdp_and_not_one_without():
     assert per_device(trace, Layout("fsdp", 8, True))["peak"] < usable
     assert per_device(trace, Layout("single", 1, True))["peak"] > usable
     assert per_device(trace, Layout("ddp", 8, True))["peak"] > usable
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the assumption is made on a machine without a GPU")
+def test_a_plan_without_a_gpu_says_it_assumed_one_device():
+    from fraqat_cli.train.plan import layout_of
+
+    assumed = layout_of(plan_config("trainer=ddp")).assumed
+    assert assumed.startswith("1 device: trainer.devices=auto") and "trainer.devices=N" in assumed
+    assert layout_of(plan_config("trainer=ddp", "trainer.devices=8")).assumed is None

@@ -154,3 +154,12 @@ def test_empty_staged_schedule_raises():
 def test_bad_smooth_schedule_raises_naming_the_value(kwargs, named):
     with pytest.raises(ValueError, match=named):
         SmoothSchedule(**kwargs)
+
+
+def test_a_budget_too_short_for_the_stages_names_the_bits_it_skips():
+    """20 steps of the paper's nine stages never hold 5 bits (its stage spans 0.8 of a step)."""
+    fractional = _preset("fractional")
+    assert [s.bits for s in fractional.skipped_stages(20)] == [5]
+    enough = fractional.steps_for_every_stage()
+    assert fractional.skipped_stages(enough) == [] and fractional.skipped_stages(enough - 1) != []
+    assert set(bits_trace(fractional, enough)) == {s.bits for s in fractional.stages}

@@ -64,6 +64,18 @@ def console(script: str, args: list[str], cwd: Path, cache_dir: Path) -> subproc
     return subprocess.run(command, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
 
 
+def declared_script(script: str) -> list[str]:
+    """The command line of `script` as pyproject.toml declares it ([project.scripts] `module:function`), run
+    the way pip's generated script runs it: the entry as it is in this checkout, even where the installed
+    script was generated from an older declaration."""
+    import tomllib
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, function = declared["project"]["scripts"][script].split(":")
+    code = f"import sys; from {module} import {function} as main; sys.argv[0] = {script!r}; sys.exit(main())"
+    return [sys.executable, "-c", code]
+
+
 QUANTIZER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quantizer"
 QUANTIZER_PRESET_NAMES = sorted(p.stem for p in QUANTIZER_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 

@@ -130,16 +130,20 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
     if not cfg.logger:
         return
 
-    from hydra.utils import instantiate
     from PIL import Image
 
+    from fraqat_cli.loggers import finish_run, make_logger
+
     quiet_lightning()  # the loggers are Lightning's: imported only when one is configured
-    logger = instantiate(cfg.logger, save_dir=str(cfg.out_dir))
-    for step, r in enumerate(results):
-        logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)
-        if hasattr(logger, "log_image"):
-            logger.log_image(key=f"eval/{r['label']}/grid", images=[Image.open(r["grid"])], step=step)
-    logger.finalize("success")
+    logger = make_logger(cfg, Path(str(cfg.out_dir)))
+    try:
+        for step, r in enumerate(results):
+            logger.log_metrics({f"eval/{r['label']}/{k}": r[k] for k in SUMMARY_METRICS if k in r}, step=step)
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"eval/{r['label']}/grid", images=[Image.open(r["grid"])], step=step)
+        logger.finalize("success")
+    finally:
+        finish_run()  # the next job of a sweep starts its own logger run
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="eval", version_base="1.3")

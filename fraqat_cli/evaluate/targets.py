@@ -66,6 +66,15 @@ def artifact_target(path: Path, model_cfg: DictConfig | None) -> EvalTarget:
                       artifact=Path(path).expanduser())
 
 
+def deployed_files_in(folder: Path) -> str:
+    """`: here, ckpt=<file>, ...` for each fraqat-export file or diffusers folder in `folder` (e.g.
+    `<run>/export`, copied from `ls`), which fraqat-eval takes one at a time; "" when there are none."""
+    if not folder.is_dir():
+        return ""
+    found = [str(p) for p in sorted(folder.iterdir()) if is_artifact(p) and (p.is_file() or p.is_dir())]
+    return f": here, {', '.join(f'ckpt={p}' for p in found)}" if found else ""
+
+
 def resolve_targets(ckpt, model_cfg: DictConfig | None) -> list[EvalTarget]:
     """Every model `ckpt` names; `model_cfg` is the teacher's model (ckpt=teacher) or a check on checkpoints."""
     entries = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, (list, tuple)) else [ckpt]
@@ -80,6 +89,10 @@ def resolve_targets(ckpt, model_cfg: DictConfig | None) -> list[EvalTarget]:
         if is_artifact(entry):
             targets.append(artifact_target(Path(str(entry)), model_cfg))
             continue
-        files, sweep_dir = StudentCheckpoint.locate(entry)
+        try:
+            files, sweep_dir = StudentCheckpoint.locate(entry)
+        except FileNotFoundError as error:  # an export folder, say: name the files in it that evaluate
+            raise FileNotFoundError(f"{error}, or a file fraqat-export wrote (.safetensors, .onnx) or its diffusers "
+                                    f"folder{deployed_files_in(Path(str(entry)).expanduser())}") from None
         targets.extend(checkpoint_target(f, model_cfg, sweep_dir) for f in files)
     return targets

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
+from fraqat_cli.models.dtype_keyword import diffusers_dtype
 from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.quant.fake_quant import quantize_to_codes
 
@@ -302,7 +303,7 @@ def load_folder(path: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
                                 f"fraqat-export format=diffusers")
     name = json.loads(config.read_text()).get("_class_name")
     cls = get_class(check_transformer_class(f"diffusers.{name}", f"{str(config)!r}"))
-    return cls.from_pretrained(str(path), subfolder=TRANSFORMER, torch_dtype=dtype).eval()
+    return cls.from_pretrained(str(path), subfolder=TRANSFORMER, **diffusers_dtype(dtype)).eval()
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from fraqat_cli.export.gguf_blocks import BLOCK, block_type, block_view, check_g
 from fraqat_cli.export.gguf_keys import TABLES, original_layout
 from fraqat_cli.export.safetensors_file import QUANTIZER_PARTS, _config_of
 from fraqat_cli.files import atomic_write
+from fraqat_cli.models.dtype_keyword import diffusers_dtype
 from fraqat_cli.quant import set_activation_bits
 from fraqat_cli.quant.fake_quant import quantize_to_codes
 
@@ -249,5 +250,5 @@ def load_gguf(path: Path, compute_dtype: torch.dtype = torch.float32) -> nn.Modu
         (Path(folder) / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": cls.__name__}))
         quantization = diffusers.GGUFQuantizationConfig(compute_dtype=compute_dtype)
         model = cls.from_single_file(str(path), config=folder, subfolder="transformer",
-                                     quantization_config=quantization, torch_dtype=compute_dtype)
+                                     quantization_config=quantization, **diffusers_dtype(compute_dtype))
     return model.eval()

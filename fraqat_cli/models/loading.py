@@ -16,6 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from fraqat_cli.errors import ExpectedFailure
+from fraqat_cli.models.dtype_keyword import diffusers_dtype
 from fraqat_cli.models.families import Family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,7 +98,7 @@ def _from_pretrained(pipeline_cls, model_cfg: DictConfig, dtype: torch.dtype, sk
     else:
         source, revision = model_cfg.hub_id, model_cfg.revision
     try:
-        return pipeline_cls.from_pretrained(source, revision=revision, torch_dtype=dtype, **skipped)
+        return pipeline_cls.from_pretrained(source, revision=revision, **diffusers_dtype(dtype), **skipped)
     except Exception as error:  # hub or file errors come as many types; all mean "not loadable here"
         raise ModelLoadError(
             f"could not load model {model_cfg.name!r} from {source!r} ({type(error).__name__}: {error}). "

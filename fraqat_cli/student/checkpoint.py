@@ -171,6 +171,8 @@ class StudentCheckpoint:
         folder gives every job's `last.ckpt`.
         """
         path = Path(str(path)).expanduser()
+        if path.is_symlink():  # runs/last: the run folder it names (labels and exports go by the real one)
+            path = path.resolve()
         if path.is_file():
             return [path], None
         for last in (path / "checkpoints" / LAST, path / LAST):

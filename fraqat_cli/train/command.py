@@ -13,13 +13,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fraqat_cli.checks import positive_int, positive_number
-from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
+from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors, warn
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.files import atomic_write, check_writable, not_a_folder
+from fraqat_cli.loggers import finish_run, make_logger
 from fraqat_cli.models.generation import student_grid_maker
 from fraqat_cli.student.build import build_quant_config
 from fraqat_cli.student.checkpoint import LAST, read_head
@@ -35,12 +35,13 @@ from fraqat_cli.train.checkpointing import (
     resume_path,
 )
 from fraqat_cli.train.divergence import check_divergence_settings, divergence_guard, divergence_hint
-from fraqat_cli.train.hydra_job import job_overrides, output_dir
+from fraqat_cli.train.hydra_job import job_overrides, output_dir, run_dir_given
+from fraqat_cli.train.last_run import point_last_run
 from fraqat_cli.train.optimizers import check_optimizer
 from fraqat_cli.train.rng_state import RandomState
 from fraqat_cli.train.run_config import previous_result
 from fraqat_cli.train.run_folder import own_run_folder, remove_leftovers
-from fraqat_cli.train.run_length import check_run_length, run_length
+from fraqat_cli.train.run_length import check_run_length, run_length, short_schedule_warning
 from fraqat_cli.train.sweep import METRICS_FILE
 from fraqat_cli.train.validation import HeldOutLoss, held_out_rows
 
@@ -82,6 +83,8 @@ def train(cfg: DictConfig) -> dict:
             if ckpt_path and (result := previous_result(cfg, ckpt_path, run_dir)) is not None:
                 return result
             hydra_files.adopt()
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
+                point_last_run(cfg.last_run_link, run_dir)  # runs/last: fraqat-eval ckpt=runs/last
             return fit(cfg, schedule, source, run_dir, ckpt_path)
     except KeyboardInterrupt:  # Ctrl-C before the first step (Lightning turns one during fit into an exit)
         raise TrainingInterrupted("interrupted before training started; run the same command again") from None
@@ -101,6 +104,8 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
     # 4. The trainer; its device count sets the accumulation that reaches the global batch, and the steps.
     trainer, stats = make_trainer(cfg, data, schedule, module.student, run_dir)
     fix_run_length(cfg, trainer, module, len(data.dataset))
+    if (too_short := short_schedule_warning(schedule, cfg.trainer.max_steps)) is not None:
+        warn(too_short)  # e.g. 20 steps of the fractional schedule never reach 5 bits
     # 5. Fit; last.ckpt resumable (optimizer, loop position, random state), step checkpoints the student alone.
     if ckpt_path:
         print(f"resuming from {ckpt_path}")
@@ -113,12 +118,15 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
         if trainer.interrupted:  # Lightning's answer to Ctrl-C: a clean shutdown, then exit(1)
             raise TrainingInterrupted(interrupted_at(trainer, run_dir / "checkpoints")) from None
         raise
+    finally:
+        finish_run()  # the next job of a sweep (same process) starts its own logger run
     # 6. Report.
     return report(cfg, trainer, schedule, summary, stats, run_dir)
 
 
 def interrupted_at(trainer, checkpoint_dir: Path) -> str:
-    message = f"interrupted at step {trainer.global_step}; resume with the same command"
+    message = (f"interrupted at step {trainer.global_step}; resume with the same command"
+               f"{'' if run_dir_given() else f' and hydra.run.dir={checkpoint_dir.parent}'}")
     try:
         step, _ = read_head(checkpoint_dir / LAST)
     except (ValueError, FileNotFoundError):
@@ -192,13 +200,6 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
 def held_out_summary(trainer) -> dict:
     """The validation loss (last and curve), when the run holds rows out."""
     return next((c.summary() for c in trainer.callbacks if isinstance(c, HeldOutLoss)), {})
-
-
-def make_logger(cfg: DictConfig, run_dir: Path):
-    """The configured Lightning logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
-    if not cfg.logger:
-        return False
-    return instantiate(cfg.logger, save_dir=str(run_dir))
 
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="train", version_base="1.3")

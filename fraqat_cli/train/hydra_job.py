@@ -20,3 +20,11 @@ def job_overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []
+
+
+def run_dir_given() -> bool:
+    """Whether the command line names the run folder (else the same command makes a new, timestamped one)."""
+    try:
+        return any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+    except ValueError:
+        return True

@@ -65,3 +65,14 @@ def run_length(cfg: DictConfig, devices: int, samples: int) -> RunLength:
         epochs = positive_number("epochs", epochs, or_null=True)
         steps = max(1, math.ceil(epochs * samples / (devices * per_device * accumulation)))
     return RunLength(devices, per_device, accumulation, samples, steps, epochs)
+
+
+def short_schedule_warning(schedule, steps: int) -> str | None:
+    """One line when `steps` is too short for the schedule's stages (some bit-widths never occur), naming them
+    and the budget that holds them all; None when every stage gets a step (or the schedule has no stages)."""
+    skipped = schedule.skipped_stages(steps) if hasattr(schedule, "skipped_stages") else []
+    if not skipped:
+        return None
+    bits = ", ".join(f"{s.bits:g}" for s in skipped)
+    return (f"{steps} steps are too few for schedule {schedule.name}'s {len(schedule.stages)} stages: "
+            f"{bits} bits never occur; every stage gets a step from {schedule.steps_for_every_stage()} steps on")
