@@ -155,7 +155,7 @@ def test_flux_fits_eight_80gb_gpus_with_fsdp_and_not_one_without():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the assumption is made on a machine without a GPU")
 def test_a_plan_without_a_gpu_says_it_assumed_one_device():
-    from fraqat_cli.train.plan import layout_of
+    from fraqat_cli.plan.command import layout_of
 
     assumed = layout_of(plan_config("trainer=ddp")).assumed
     assert assumed.startswith("1 device: trainer.devices=auto") and "trainer.devices=N" in assumed
