@@ -27,7 +27,7 @@ from fraqat_cli.export.deployable import deployable_layers, layer_record
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.embeddings import conditioning_of
 from fraqat_cli.quant import QuantizedLayer
-from fraqat_cli.quant.fake_quant import SMALLEST_SPAN, quantize_to_codes
+from fraqat_cli.quant.fake_quant import SMALLEST_SPAN
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
 INT8, UINT8 = 3, 2  # onnx.TensorProto element types
@@ -100,7 +100,7 @@ class QDQLayer(QuantizedInput):
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__(layer, name)
         record, spec = self.record, self.spec
-        codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
+        codes, scale, offset = layer.weight_codes(record["bits"])
         code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
         if not spec.symmetric and record["bits"] > 8:
             raise ValueError(f"{name}: asymmetric {record['bits']}-bit weight codes have no ONNX integer type here")
