@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from train_support import console
 
 from fraqat_cli.models.architecture import build_transformer, count_parameters
+from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.train.distill import freeze_all_but
 from fraqat_cli.train.plan import Layout, per_device
 from fraqat_cli.train.plan_trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
@@ -151,3 +152,17 @@ def test_flux_fits_eight_80gb_gpus_with_fsdp_and_not_one_without():
     assert per_device(trace, Layout("fsdp", 8, True))["peak"] < usable
     assert per_device(trace, Layout("single", 1, True))["peak"] > usable
     assert per_device(trace, Layout("ddp", 8, True))["peak"] > usable
+
+
+def test_learned_scales_are_counted_as_trained_parameters_with_their_optimizer_state():
+    plain = trace_step(plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel"), 2, False)
+    cfg = plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel", "quantizer.scale=learned")
+    learned = trace_step(cfg, 2, accumulating=False)
+    student, _ = build_student(build_transformer(cfg.model, device="cpu"), cfg.quantizer, cfg.selection, 8.0)
+    layers = [m for m in student.modules() if isinstance(m, QuantizedLayer)]
+    scales = sum(m.weight_quantizer.scale.numel() for m in layers)
+    assert scales == sum(m.weight.shape[0] for m in layers)  # per channel: one per output channel
+    assert learned.student_params - plain.student_params == scales
+    assert learned.trainable_params - plain.trainable_params == scales
+    # AdamW: two float32 moments per scale, and a step count per scale tensor
+    assert learned.optimizer_bytes - plain.optimizer_bytes == 8 * scales + 4 * len(layers)
