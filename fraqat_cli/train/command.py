@@ -232,7 +232,8 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
 
     report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
     stats = StepStats()
-    callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
+    activations = instantiate_or_raise(cfg.activation_schedule) if cfg.get("activation_schedule") else None
+    callbacks = [stats, BitScheduleCallback(schedule, activations), RandomState(data.order, data.batch_size),
                  *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
     if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
         callbacks.append(guard)
