@@ -154,6 +154,7 @@ def test_flux_fits_eight_80gb_gpus_with_fsdp_and_not_one_without():
     assert per_device(trace, Layout("ddp", 8, True))["peak"] > usable
 
 
+@pytest.mark.slow
 def test_learned_scales_are_counted_as_trained_parameters_with_their_optimizer_state():
     plain = trace_step(plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel"), 2, False)
     cfg = plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel", "quantizer.scale=learned")
