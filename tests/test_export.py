@@ -63,8 +63,12 @@ def test_packed_codes_unpack_to_the_same_codes(bits, symmetric, numel):
 
 
 def test_codes_outside_their_range_are_refused():
-    with pytest.raises(ValueError, match=r"outside the 4-bit range \[-7, 7\]"):
+    with pytest.raises(ValueError, match=r"outside the 4-bit range \[-8, 7\]"):
         pack_codes(torch.tensor([0, 8]), 4, True)
+    with pytest.raises(ValueError, match=r"outside the 4-bit range \[-8, 7\]"):
+        pack_codes(torch.tensor([-9, 0]), 4, True)
+    assert torch.equal(unpack_codes(pack_codes(torch.tensor([-8, 7]), 4, True), 4, True, (2,)),
+                       torch.tensor([-8, 7], dtype=torch.int32))  # a clipping learned scale reaches -8
 
 
 def test_full_precision_has_no_codes():

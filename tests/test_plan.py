@@ -14,6 +14,7 @@ from train_support import console
 from fraqat_cli.models.architecture import build_transformer, count_parameters
 from fraqat_cli.plan.command import Layout, per_device
 from fraqat_cli.plan.trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
+from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import freeze_all_but
 
@@ -160,3 +161,18 @@ def test_a_plan_without_a_gpu_says_it_assumed_one_device():
     assumed = layout_of(plan_config("trainer=ddp")).assumed
     assert assumed.startswith("1 device: trainer.devices=auto") and "trainer.devices=N" in assumed
     assert layout_of(plan_config("trainer=ddp", "trainer.devices=8")).assumed is None
+
+
+@pytest.mark.slow
+def test_learned_scales_are_counted_as_trained_parameters_with_their_optimizer_state():
+    plain = trace_step(plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel"), 2, False)
+    cfg = plan_config("model=tiny_sana", "trainable=all", "quantizer=per_channel", "quantizer.scale=learned")
+    learned = trace_step(cfg, 2, accumulating=False)
+    student, _ = build_student(build_transformer(cfg.model, device="cpu"), cfg.quantizer, cfg.selection, 8.0)
+    layers = [m for m in student.modules() if isinstance(m, QuantizedLayer)]
+    scales = sum(m.weight_quantizer.scale.numel() for m in layers)
+    assert scales == sum(m.weight.shape[0] for m in layers)  # per channel: one per output channel
+    assert learned.student_params - plain.student_params == scales
+    assert learned.trainable_params - plain.trainable_params == scales
+    # AdamW: two float32 moments per scale, and a step count per scale tensor
+    assert learned.optimizer_bytes - plain.optimizer_bytes == 8 * scales + 4 * len(layers)

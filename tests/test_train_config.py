@@ -25,8 +25,8 @@ def compose_train(*overrides: str):
         return compose(config_name="train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "schedule", "quantizer", "trainable", "optim", "data", "trainer",
-                                   "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model", "schedule", "activation_schedule", "quantizer", "trainable", "optim",
+                                   "data", "trainer", "logger", "experiment"])
 def test_every_option_of_every_group_composes(group):
     for option in options(group):
         cfg = compose_train(f"{group}={option}")
@@ -151,3 +151,18 @@ def test_coco_data_trains_from_captions_and_vae_latents(tmp_path, monkeypatch):
     assert metrics["steps"] == 2
     assert len(list((tmp_path / "cache").glob("image-latents-*/index.json"))) == 1  # one complete sharded entry
     assert (tmp_path / "samples" / "step_000001.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["sana", "pixart_sigma", "sd35_medium", "flux_schnell"])
+def test_harsher_recipes_keep_the_w4a8_rate_and_batch_and_reach_their_targets(model):
+    base = compose_train(f"experiment={model}_w4a8")
+    for target, weight_bits, activation_bits in [("w3a8", 3.0, 8.0), ("w4a4", 4.0, 4.0)]:
+        cfg = compose_train(f"experiment={model}_{target}")
+        assert (cfg.optim.lr, cfg.global_batch_size, cfg.model.name) == (base.optim.lr, base.global_batch_size,
+                                                                           base.model.name)
+        assert cfg.quantizer.granularity == "per_channel"
+        assert instantiate(cfg.schedule).end_bits == weight_bits
+        assert instantiate(cfg.activation_schedule)(99, 100) == activation_bits
+        if target == "w4a4":
+            assert cfg.quantizer.activation_granularity == "per_channel"  # per token
+            assert instantiate(cfg.activation_schedule)(0, 100) == 8.0

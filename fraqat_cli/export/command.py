@@ -169,14 +169,18 @@ def staging(out: Path):
     a report, never a report of another file. A folder left by a killed export is removed first."""
     stage, report = out.parent / f".{out.name}.partial", report_path(out)
     shutil.rmtree(stage, ignore_errors=True)
+    made = not out.parent.exists()  # a refusal removes the folder it made, too
     stage.mkdir(parents=True)
     try:
         yield stage / out.name
         report.unlink(missing_ok=True)
         for file in sorted(stage.iterdir(), key=lambda f: (f.name == report.name, f.name == out.name)):
             os.replace(file, out.parent / file.name)
+        made = False
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if made and not any(out.parent.iterdir()):
+            out.parent.rmdir()
 
 
 def write_format(cfg: DictConfig, student, family, example: dict, path: Path, info: dict, source: str,

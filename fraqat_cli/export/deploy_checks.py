@@ -48,7 +48,9 @@ def deployable_layers(student: nn.Module, source: str, kinds: tuple[str, ...] = 
     for name, m in quantized.items():
         act = m.input_quantizer.current_bits
         if act < PASS_THROUGH_BITS and integer_bits(act) is None:
-            raise ValueError(f"{source}: {name} has fractional activation bits {act:g}; only integer bits deploy")
+            raise ValueError(f"{source}: {name} has fractional activation bits {act:g}, which no runtime deploys; "
+                             f"allowed: integer activation bits (4 or 8 for ONNX). Export a checkpoint from the end of "
+                             f"the activation schedule (its last stage is at integer bits)")
     return quantized
 
 

@@ -32,7 +32,6 @@ from torch import nn
 from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.models.dtype_keyword import diffusers_dtype
 from fraqat_cli.quant import QuantizedLayer
-from fraqat_cli.quant.fake_quant import quantize_to_codes
 
 TRANSFORMER = "transformer"  # the folder's subfolder holding the student, as in a pipeline repository
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' own file name (SAFETENSORS_WEIGHTS_NAME)
@@ -94,7 +93,7 @@ def block_size(shape: tuple[int, ...], granularity: str, group_size: int | None,
 def student_blocks(layer: QuantizedLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The layer's codes (int8, the weight's shape), float32 scales (one per block) and torchao block size."""
     spec, bits = layer.weight_quantizer.spec, int(layer.weight_bits)
-    codes, scale, _ = quantize_to_codes(layer.weight_matrix(), bits, spec)
+    codes, scale, _ = layer.weight_codes(bits)
     shape = tuple(layer.weight.shape)
     block = block_size(shape, spec.granularity, spec.group_size, name)
     blocks = [size // b for size, b in zip(shape, block)]

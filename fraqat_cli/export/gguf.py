@@ -36,7 +36,6 @@ from fraqat_cli.export.safetensors_file import QUANTIZER_PARTS, _config_of
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.dtype_keyword import diffusers_dtype
 from fraqat_cli.quant import set_activation_bits
-from fraqat_cli.quant.fake_quant import quantize_to_codes
 
 Q = GGMLQuantizationType
 # The diffusers classes whose GGUF files `from_single_file` loads, by the GGUF architecture name written for them
@@ -83,7 +82,7 @@ def quantized_tensor(layer, name: str) -> tuple[Stored, torch.Tensor]:
     spec = layer.weight_quantizer.spec
     check_group_size(spec.group_size)
     qtype = block_type(record["bits"], spec.symmetric, name)
-    codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
+    codes, scale, offset = layer.weight_codes(record["bits"])
     rows, cols = codes.shape
     scale = block_view(scale, spec, rows, cols, name).half().float()  # (rows, cols / 32) fp16 scales
     offset = block_view(offset, spec, rows, cols, name).half().float() if offset is not None else None

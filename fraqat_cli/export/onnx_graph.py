@@ -3,8 +3,9 @@
 Each quantized linear layer becomes
     x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- weight codes (int4)
 (a quantized convolution: the same into a Conv, its weight codes reshaped to the kernel's shape)
-with 8-bit activations (per-tensor scale: computed in the graph from max|x| for a
-dynamic quantizer, a constant for a calibrated static one) and the weight's
+with 8- or 4-bit activations (int8, or opset 21's INT4; a per-tensor scale computed in the graph from max|x|
+for a dynamic quantizer, a constant for a calibrated static one; per token: blocked quantization along the
+last axis, one block per row) and the weight's
 integer codes as an initializer: INT4/UINT4 for codes of at most 4 bits (opset
 21), int8 otherwise; per-channel scales on axis 0, per-group scales as opset 21
 blocked quantization. `torch.onnx.ops.symbolic` places the Q/DQ nodes; the codes
@@ -27,10 +28,12 @@ from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.quant import QuantizedLayer
-from fraqat_cli.quant.fake_quant import SMALLEST_SPAN, quantize_to_codes
+from fraqat_cli.quant.fake_quant import SMALLEST_SPAN
 
 OPSET = 21  # the first opset with INT4 and blocked (per-group) DequantizeLinear
-INT8, UINT8 = 3, 2  # onnx.TensorProto element types
+INT8, UINT8, INT4, UINT4 = 3, 2, 22, 21  # onnx.TensorProto element types
+# activation bits -> (symmetric code type, asymmetric code type, torch dtype the symbolic op claims)
+ACTIVATION_TYPES = {8: (INT8, UINT8), 4: (INT4, UINT4)}
 SINGLE_FILE_LIMIT = 2**31 - 2**27  # tensor bytes a single-file graph may hold: protobuf stops at 2 GiB
 
 
@@ -46,24 +49,28 @@ class QuantizedInput(nn.Module):
         super().__init__()
         record = layer_record(layer)
         act = record["activation"]
-        # QuantizeLinear rounds to nearest and saturates at int8/uint8's own bounds: `nearest` (clipped to the narrow
-        # range first, below) and `nearest_int_range` (whose 8-bit bounds those are); `floor` has no QDQ form.
-        if act["bits"] is not None and (act["bits"] != 8 or act["granularity"] != "per_tensor"
+        # QuantizeLinear rounds to nearest and saturates at its integer type's own bounds: `nearest` (clipped to the
+        # narrow range first, below) and `nearest_int_range` (whose bounds those are); `floor` has no QDQ form.
+        # 8-bit codes are int8/uint8, 4-bit ones INT4/UINT4 (opset 21); per-token scales are blocked quantization
+        # along the last axis, one block per row.
+        if act["bits"] is not None and (act["bits"] not in ACTIVATION_TYPES
+                                        or act["granularity"] not in ("per_tensor", "per_channel")
                                         or act["rounding"] not in ("nearest", "nearest_int_range")):
             raise ValueError(
                 f"{name}: activations at {act['bits']} bits, {act['granularity']}, rounding {act['rounding']} have "
-                f"no QDQ form; ONNX export takes 8-bit per_tensor activations rounded to nearest "
-                f"(quantizer.activation_bits=8, activation_granularity=per_tensor, "
-                f"activation_rounding=nearest or nearest_int_range)")
+                f"no QDQ form; ONNX export takes 8- or 4-bit activations, per_tensor or per_channel (per token), "
+                f"rounded to nearest (quantizer.activation_bits=8 or 4, activation_granularity=per_tensor or "
+                f"per_channel, activation_rounding=nearest or nearest_int_range)")
         self.record, self.spec = record, layer.weight_quantizer.spec
         self.bias = layer.bias
         if act["static"] and act["range"] is not None:
             low, high = act["range"]
             span = max(abs(low), abs(high)) if act["symmetric"] else high - low
-            levels = 127 if act["symmetric"] else 256
+            top = 2 ** (act["bits"] - 1) - 1  # 127 at 8 bits, 7 at 4
+            levels = top if act["symmetric"] else 2 ** act["bits"]
             self.register_buffer("act_scale", torch.tensor(max(span, SMALLEST_SPAN) / levels))
             self.register_buffer("act_low", torch.tensor(float(low)))
-            self.act_bound = 127 * float(self.act_scale)  # a constant: the graph clips to it
+            self.act_bound = top * float(self.act_scale)  # a constant: the graph clips to it
         else:
             self.act_scale = None
 
@@ -71,26 +78,33 @@ class QuantizedInput(nn.Module):
         act = self.record["activation"]
         if act["bits"] is None:
             return x
-        symmetric = act["symmetric"]
+        symmetric, bits = act["symmetric"], act["bits"]
+        signed, unsigned = ACTIVATION_TYPES[bits]
+        attrs = {}
         if self.act_scale is not None:
             scale, low = self.act_scale, self.act_low
             if symmetric and act["rounding"] == "nearest":  # int8 saturates at -128; `nearest` stops at -127
                 x = x.clamp(-self.act_bound, self.act_bound)  # (a static range can be exceeded)
-        elif symmetric:
-            dims = tuple(range(x.dim()))
-            scale, low = x.abs().amax(dim=dims).clamp_min(SMALLEST_SPAN) / 127, None
         else:
-            dims = tuple(range(x.dim()))
-            low = x.amin(dim=dims)
-            scale = (x.amax(dim=dims) - low).clamp_min(SMALLEST_SPAN) / 256
+            per_token = act["granularity"] == "per_channel"
+            dims = -1 if per_token else tuple(range(x.dim()))
+            if per_token:  # one scale per row of the last axis: blocked quantization, one block per row
+                attrs = {"axis": -1, "block_size": int(x.shape[-1])}
+            if symmetric:
+                top = 2 ** (bits - 1) - 1  # 127 at 8 bits, 7 at 4
+                scale, low = x.abs().amax(dim=dims, keepdim=per_token).clamp_min(SMALLEST_SPAN) / top, None
+            else:
+                low = x.amin(dim=dims, keepdim=per_token)
+                scale = (x.amax(dim=dims, keepdim=per_token) - low).clamp_min(SMALLEST_SPAN) / 2**bits
         # No zero-point inputs (they are 0): the exporter merges equal-bytes constants across dtypes, so an int8
-        # and a uint8 zero could become one; `output_dtype` says int8 instead.
+        # and a uint8 zero could become one; `output_dtype` says which type instead.
         if symmetric:
-            codes = _symbolic("QuantizeLinear", [x, scale], {"output_dtype": INT8}, torch.int8, x.shape)
-            return _symbolic("DequantizeLinear", [codes, scale], None, torch.float32, x.shape)
-        # The wide range starts at min(x): shift it to zero, quantize to uint8, shift back.
-        codes = _symbolic("QuantizeLinear", [x - low, scale], {"output_dtype": UINT8}, torch.uint8, x.shape)
-        return _symbolic("DequantizeLinear", [codes, scale], None, torch.float32, x.shape) + low
+            codes = _symbolic("QuantizeLinear", [x, scale], {"output_dtype": signed, **attrs}, torch.int8, x.shape)
+            return _symbolic("DequantizeLinear", [codes, scale], attrs or None, torch.float32, x.shape)
+        # The wide range starts at min(x): shift it to zero, quantize to unsigned codes, shift back.
+        codes = _symbolic("QuantizeLinear", [x - low, scale], {"output_dtype": unsigned, **attrs}, torch.uint8,
+                          x.shape)
+        return _symbolic("DequantizeLinear", [codes, scale], attrs or None, torch.float32, x.shape) + low
 
 
 class QDQLayer(QuantizedInput):
@@ -100,7 +114,7 @@ class QDQLayer(QuantizedInput):
     def __init__(self, layer: QuantizedLayer, name: str) -> None:
         super().__init__(layer, name)
         record, spec = self.record, self.spec
-        codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
+        codes, scale, offset = layer.weight_codes(record["bits"])
         code_dtype = (torch.int8 if spec.symmetric else torch.uint8) if record["bits"] <= 8 else torch.int16
         if not spec.symmetric and record["bits"] > 8:
             raise ValueError(f"{name}: asymmetric {record['bits']}-bit weight codes have no ONNX integer type here")

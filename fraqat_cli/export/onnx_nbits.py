@@ -25,7 +25,6 @@ from torch import nn
 
 from fraqat_cli.export.onnx_graph import QuantizedInput, graph_copy, save_graph, trace
 from fraqat_cli.quant import QuantizedLayer
-from fraqat_cli.quant.fake_quant import quantize_to_codes
 
 KINDS = ("linear", "pointwise_conv")  # what a matrix product expresses; a depthwise convolution is not one
 BITS = 4
@@ -73,7 +72,7 @@ class NBitsLayer(QuantizedInput):
                 f"MatMulNBits runtime takes {BITS}-bit symmetric weights (format=safetensors or onnx take any)")
         block = block_size_of(record, block_size)
         check_block_size(block, "quantizer.group_size" if spec.granularity == "per_group" else "runtime.block_size")
-        codes, scale, _ = quantize_to_codes(layer.weight_matrix(), BITS, spec)
+        codes, scale, _ = layer.weight_codes(BITS)
         rows, width = codes.shape
         self.register_buffer("packed", pack_blocks(codes, block))
         blocks = self.packed.shape[1]

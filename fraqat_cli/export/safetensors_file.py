@@ -25,7 +25,7 @@ from torch import nn
 from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.files import atomic_write
 from fraqat_cli.quant import PASS_THROUGH_BITS, QuantConv2d, QuantizedLayer, QuantLinear, QuantSpec
-from fraqat_cli.quant.fake_quant import dequantize_codes, quantize_to_codes
+from fraqat_cli.quant.fake_quant import dequantize_codes
 from fraqat_cli.quant.packing import pack_codes, storage_of, unpack_codes
 from fraqat_cli.stored_config import check_transformer_class
 
@@ -118,7 +118,7 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
         for name, layer in layers.items():
             record = layer_record(layer)
             spec = layer.weight_quantizer.spec
-            codes, scale, offset = quantize_to_codes(layer.weight_matrix(), record["bits"], spec)
+            codes, scale, offset = layer.weight_codes(record["bits"])
             tensors[f"{name}.weight.codes"] = pack_codes(codes, record["bits"], spec.symmetric)
             tensors[f"{name}.weight.scale"] = scale
             if offset is not None:

@@ -9,11 +9,12 @@ from fraqat_cli.quant.linear import (
     ActivationQuantizer,
     FakeQuantizer,
     QuantizedLayer,
+    QuantizedWeight,
     QuantLinear,
     calibrate_activations,
     weight_bits_of,
 )
-from fraqat_cli.quant.spec import GRANULARITIES, PASS_THROUGH_BITS, QuantSpec, validate_bits
+from fraqat_cli.quant.spec import GRANULARITIES, PASS_THROUGH_BITS, SCALES, QuantSpec, validate_bits
 from fraqat_cli.quant.swap import (
     DEFAULT_INCLUDE,
     DEFAULT_LAYERS,
@@ -30,7 +31,8 @@ from fraqat_cli.quant.swap import (
 __all__ = [
     "ActivationQuantizer", "DEFAULT_INCLUDE", "DEFAULT_LAYERS", "FakeQuantizer", "GRANULARITIES", "LAYER_KINDS",
     "PASS_THROUGH_BITS", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantSpec", "QuantizationSummary",
-    "QuantizedLayer", "calibrate_activations", "code_range", "conv_kind", "fake_quantize", "fake_quantize_spec",
+    "QuantizedLayer", "QuantizedWeight", "SCALES",
+    "calibrate_activations", "code_range", "conv_kind", "fake_quantize", "fake_quantize_spec",
     "layer_kind", "quantize_model", "set_activation_bits", "set_weight_bits", "summarize", "validate_bits",
     "weight_bits_of",
 ]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fraqat_cli.quant.linear import ActivationQuantizer, FakeQuantizer, QuantizedLayer
+from fraqat_cli.quant.layer import QuantizedLayer
+from fraqat_cli.quant.quantizers import ActivationQuantizer
 from fraqat_cli.quant.spec import QuantSpec
 
 
@@ -34,11 +35,7 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
                  activation_spec: QuantSpec | None = None, activation_bits: float | None = 8,
                  static_activations: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = FakeQuantizer(weight_spec or QuantSpec(), weight_bits)
-        self.input_quantizer = ActivationQuantizer(
-            activation_spec or QuantSpec(granularity="per_tensor", rounding="nearest"), activation_bits,
-            static=static_activations,
-        )
+        self._attach_quantizers(weight_spec, weight_bits, activation_spec, activation_bits, static_activations)
 
     @property
     def kind(self) -> str:
@@ -55,9 +52,7 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device="meta", dtype=conv.weight.dtype, **quant_kwargs,
         )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        return layer.to(conv.weight.device)
+        return layer._adopt(conv.weight, conv.bias)
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:

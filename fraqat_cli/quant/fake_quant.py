@@ -86,6 +86,7 @@ def _codes_view(
     spec: QuantSpec,
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Integer codes (as floats) of a float32/float64 view whose last dimension shares one scale.
 
@@ -98,6 +99,8 @@ def _codes_view(
     from amax and amin rather than abs(), which would allocate another copy.
     """
     lo_code, hi_code = code_range(bits, spec.symmetric, spec.rounding)
+    if scale is not None:
+        return _codes_at_scale(view, scale, spec, want_mask, (lo_code, hi_code))
     if spec.scale_dtype == "float16":
         return _codes_on_half_grid(view, bits, spec, value_range, want_mask, (lo_code, hi_code))
     if spec.symmetric:
@@ -152,15 +155,28 @@ def _codes_on_half_grid(view, bits, spec, value_range, want_mask, bounds):
     return codes.clamp_(lo_code, hi_code), scale, offset, mask
 
 
+def _codes_at_scale(view, scale, spec, want_mask, bounds):
+    """`_codes_view` at a given symmetric scale (a learned or clip-searched one; quant/scales.py), one entry per
+    scale group (the view's shape but its last dimension): R(x / scale), clamped. The scale is used as given,
+    already on the float16 grid when `spec.scale_dtype` asks for it."""
+    lo_code, hi_code = bounds
+    scale = scale.to(view.dtype).reshape(*view.shape[:-1], 1)
+    codes = torch.div(view, scale)  # (..., G)
+    codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
+    mask = (codes >= lo_code) & (codes <= hi_code) if want_mask else None
+    return codes.clamp_(lo_code, hi_code), scale, None, mask
+
+
 def _quantize_view(
     view: torch.Tensor,
     bits: float,
     spec: QuantSpec,
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fake-quantize a view whose last dimension shares one scale: its codes, dequantized in place."""
-    codes, scale, offset, mask = _codes_view(view, bits, spec, value_range, want_mask)
+    codes, scale, offset, mask = _codes_view(view, bits, spec, value_range, want_mask, scale)
     out = codes.mul_(scale)
     if offset is not None:
         out = out.add_(offset)
@@ -168,14 +184,16 @@ def _quantize_view(
 
 
 def quantize_to_codes(
-    x: torch.Tensor, bits: float, spec: QuantSpec
+    x: torch.Tensor, bits: float, spec: QuantSpec, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The integer codes behind `fake_quantize_spec(x, bits, spec)`: (codes, scale, offset).
 
     codes: int32, shape of `x`, within `code_range(bits, ...)`. scale and offset
     (None when symmetric): float32, one per scale group, shaped (1,) per tensor,
     (rows,) per channel, (rows, groups) per group. `dequantize_codes` inverts it
-    exactly. For deployment, where only integer bit-widths make sense.
+    exactly. For deployment, where only integer bit-widths make sense. `scale` (symmetric only, shaped as
+    the returned scale): a learned or clip-searched scale to take the codes at instead of max|x| / levels;
+    a layer's quantizer passes its own (`FakeQuantizer.codes`).
     """
     bits = validate_bits(bits)
     if bits >= PASS_THROUGH_BITS:
@@ -183,7 +201,8 @@ def quantize_to_codes(
     if x.dim() != 2 and spec.granularity != "per_tensor":
         raise ValueError(f"per-channel and per-group codes need a 2-D weight; got shape {tuple(x.shape)}")
     view = _grouped_view(x.detach().float(), spec)
-    codes, scale, offset, _ = _codes_view(view, bits, spec, None, want_mask=False)
+    fixed = scale.detach().float() if scale is not None else None
+    codes, scale, offset, _ = _codes_view(view, bits, spec, None, want_mask=False, scale=fixed)
     shape = (1,) if spec.granularity == "per_tensor" else tuple(view.shape[:-1])
     flat = lambda t: t.reshape(shape).float().contiguous()  # noqa: E731
     return codes.reshape(x.shape).to(torch.int32), flat(scale), (flat(offset) if offset is not None else None)
@@ -235,8 +254,10 @@ def fake_quantize_spec(
     *,
     value_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     clip_gradient: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`fake_quantize` for callers that already hold a validated `QuantSpec`."""
+    """`fake_quantize` for callers that already hold a validated `QuantSpec`. `scale`: a fixed symmetric scale
+    per scale group (no gradient flows to it; `quantize_to_codes` says its shape) instead of max|x| / levels."""
     bits = validate_bits(bits)
     if bits >= PASS_THROUGH_BITS:
         return x
@@ -248,7 +269,8 @@ def fake_quantize_spec(
 
     def quantize(t: torch.Tensor, want_mask: bool):
         compute = t if t.dtype == torch.float64 else t.float()
-        out, mask = _quantize_view(_grouped_view(compute, spec), bits, spec, value_range, want_mask)
+        fixed = scale.detach().to(compute.dtype) if scale is not None else None
+        out, mask = _quantize_view(_grouped_view(compute, spec), bits, spec, value_range, want_mask, fixed)
         out = out.reshape(t.shape).to(t.dtype)
         return out, (mask.reshape(t.shape) if mask is not None else None)
 

@@ -25,8 +25,9 @@ def storage_of(bits: int, symmetric: bool) -> str:
 
 
 def pack_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """`codes` (any integer dtype, within the bit-width's code range) in their storage form, flattened."""
-    lo, hi = code_range(bits, symmetric)
+    """`codes` (any integer dtype, within the b-bit integer range: [-2^(b-1), 2^(b-1) - 1] signed, which a clipping
+    learned or searched scale reaches at its bottom, or [0, 2^b - 1]) in their storage form, flattened."""
+    lo, hi = code_range(bits, symmetric, "nearest_int_range")
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ValueError(
             f"codes span [{int(codes.min())}, {int(codes.max())}], outside the {bits}-bit range [{lo}, {hi}]")

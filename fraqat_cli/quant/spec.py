@@ -21,6 +21,9 @@ ROUNDINGS = ("floor", "nearest", "nearest_int_range")
 # The dtype each scale (and asymmetric offset) is kept on: float32, or the float16 grid that GGUF blocks store
 # their scales in (fp16 `d` and `m`), so that a GGUF export holds exactly the weights the student trained with.
 SCALE_DTYPES = ("float32", "float16")
+# Where a scale comes from (quant/scales.py): max|x| / levels (the paper's), max|x| times a clip ratio searched
+# per bit-width to minimise the quantization error, or a trainable parameter with the LSQ gradient.
+SCALES = ("max", "mse", "learned")
 
 # Fractional bits are a software construct; 2 bits is the narrowest range that
 # still has a positive and a negative code, 16 the widest a float16 scale keeps
@@ -78,6 +81,8 @@ class QuantSpec:
     (docs/results/rounding.md) floor students are 2.2x further from the teacher by FID; the nearest kinds tie.
     scale_dtype: `float32`, or `float16`: every scale (and asymmetric offset) is rounded to the nearest
     float16 before the codes are taken, so codes x scale is exactly what a GGUF block (fp16 scale) holds.
+    scale: `max` (the paper's max|x| / levels), `mse` (max times a clip ratio searched at each bit-width) or
+    `learned` (a trainable scale, LSQ); the last two symmetric only (quant/scales.py says how).
     """
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
@@ -85,8 +90,14 @@ class QuantSpec:
     symmetric: bool = True
     rounding: Literal["floor", "nearest", "nearest_int_range"] = "nearest_int_range"
     scale_dtype: Literal["float32", "float16"] = "float32"
+    scale: Literal["max", "mse", "learned"] = "max"
 
     def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; allowed: {', '.join(SCALES)}")
+        if self.scale != "max" and not self.symmetric:
+            raise ValueError(f"scale={self.scale!r} needs the symmetric range (symmetric=true); the asymmetric "
+                             f"range's scale is max - min; allowed with symmetric=false: scale='max'")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"unknown scale_dtype {self.scale_dtype!r}; allowed: {', '.join(SCALE_DTYPES)}")
         if self.granularity not in GRANULARITIES:

@@ -19,15 +19,15 @@ def quant_config(*, granularity: str, group_size: int | None, symmetric: bool, r
                  activation_bits: float | None, activation_granularity: str, activation_symmetric: bool,
                  activation_rounding: str, static_activations: bool, calibration_batches: int, layers,
                  weight_bits: float | None, include=DEFAULT_INCLUDE, exclude=(),
-                 scale_dtype: str = "float32") -> QuantConfig:
+                 scale_dtype: str = "float32", scale: str = "max") -> QuantConfig:
     """The `_target_` of `conf/quantizer/_base.yaml`: its flat keys (the names users override) as the quantization
     core's `QuantConfig`. `weight_bits` comes from the schedule, `include`/`exclude` from `conf/selection`.
-    `scale_dtype` defaults to float32: a checkpoint saved before the key existed trained with float32 scales."""
+    `scale_dtype` defaults to float32 and `scale` to max: a checkpoint saved before a key existed trained so."""
     if static_activations:
         positive_int("quantizer.calibration_batches", calibration_batches)
     return QuantConfig(
         weight=QuantSpec(granularity=granularity, group_size=group_size, symmetric=bool(symmetric), rounding=rounding,
-                         scale_dtype=scale_dtype),
+                         scale_dtype=scale_dtype, scale=scale),
         weight_bits=weight_bits,
         activation=QuantSpec(granularity=activation_granularity, symmetric=bool(activation_symmetric),
                              rounding=activation_rounding),

@@ -14,30 +14,6 @@ from fraqat_cli.student.finite import first_non_finite
 from fraqat_cli.student.lora import merge_lora_state
 
 
-class QuantizedWeight(nn.Module):
-    """Takes a weight quantizer's place once its weight has been quantized for good (at evaluation): the
-    forward passes the weight through; bits and spec stay readable, and the bit-width can no longer change."""
-
-    def __init__(self, quantizer: FakeQuantizer) -> None:
-        super().__init__()
-        self.spec = quantizer.spec
-        self.register_buffer("bits", quantizer.bits.detach().clone())
-        self._bits = quantizer.current_bits
-
-    @property
-    def current_bits(self) -> float:
-        return self._bits
-
-    def set_bits(self, bits) -> None:
-        raise RuntimeError("this student's weights were quantized once for evaluation; its bit-width is fixed")
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
-    def extra_repr(self) -> str:
-        return f"bits={self._bits:g}, {self.spec}, quantized once"
-
-
 def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", bake: bool = False) -> nn.Module:
     """The student stored in `checkpoint`, with the structure of `skeleton` (the teacher or its skeleton).
@@ -53,7 +29,7 @@ def rebuild_student(checkpoint: StudentCheckpoint, skeleton: nn.Module, *, dtype
     quantize_student(student, checkpoint.config.quantizer, checkpoint.config.get("selection"),
                      checkpoint.weight_bits or PASS_THROUGH_BITS)
     quantizers = {f"{name}.{key}" for name, m in student.named_modules() if isinstance(m, FakeQuantizer)
-                  for key, _ in m.named_buffers(recurse=False)}
+                  for key, _ in [*m.named_buffers(recurse=False), *m.named_parameters(recurse=False)]}
     quantized = {f"{name}.weight": m for name, m in student.named_modules() if isinstance(m, QuantizedLayer)}
     release = bake and checkpoint.mapped  # the student gets its own copies: the file's pages go as read
     stored, merged = merge_lora_state(checkpoint.state)  # LoRA-QAT: each W + scale B A, computed as in training
@@ -113,9 +89,6 @@ def _restore_computed_buffers(student: nn.Module, state: dict, device, dtype) ->
 def _bake(layers, device, dtype, release: bool, fresh: set[int]) -> None:
     """Each quantized weight fake-quantized once, in float32 from its master weight, then cast to `dtype`."""
     for layer in layers:
-        master = layer.weight
-        weight = layer.quantize_weight(master.to(device=device, dtype=torch.float32))
-        layer.weight = nn.Parameter(weight.to(dtype or torch.float32), requires_grad=False)
-        layer.weight_quantizer = QuantizedWeight(layer.weight_quantizer)
+        master = layer.freeze(device, dtype)
         if release and master.data_ptr() not in fresh:
             release_pages(master)

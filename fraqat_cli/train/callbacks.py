@@ -9,22 +9,28 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from fraqat_cli.quant import set_weight_bits
+from fraqat_cli.quant import set_activation_bits, set_weight_bits
 
 
 class BitScheduleCallback(L.Callback):
-    """Before every step, set the student's weight bit-width to `schedule(step, max_steps)` and log it.
+    """Before every step, set the student's weight bit-width to `schedule(step, max_steps)` and, given an
+    `activation_schedule`, its activation bit-width to `activation_schedule(step, max_steps)`; log both.
 
-    The bit-width is a function of the global step alone, so a resumed run
-    continues at the bit-width the interrupted one had reached.
+    The bit-widths are functions of the global step alone, so a resumed run
+    continues at the bit-widths the interrupted one had reached.
     """
 
-    def __init__(self, schedule) -> None:
-        self.schedule = schedule
+    def __init__(self, schedule, activation_schedule=None) -> None:
+        self.schedule, self.activation_schedule = schedule, activation_schedule
+        self.activation_bits: float | None = None
 
     def apply(self, trainer: L.Trainer, module: L.LightningModule) -> float:
-        bits = self.schedule(min(trainer.global_step, trainer.max_steps - 1), trainer.max_steps)
+        step = min(trainer.global_step, trainer.max_steps - 1)
+        bits = self.schedule(step, trainer.max_steps)
         set_weight_bits(module.student, bits)
+        if self.activation_schedule is not None:
+            self.activation_bits = self.activation_schedule(step, trainer.max_steps)
+            set_activation_bits(module.student, self.activation_bits)
         return bits
 
     def on_fit_start(self, trainer, module) -> None:
@@ -35,6 +41,8 @@ class BitScheduleCallback(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         bits = self.apply(trainer, module)
         module.log("train/weight_bits", bits, on_step=True, on_epoch=False, batch_size=1)
+        if self.activation_bits is not None:  # 32: full precision
+            module.log("train/activation_bits", self.activation_bits, on_step=True, on_epoch=False, batch_size=1)
 
 
 class SampleImagesCallback(L.Callback):

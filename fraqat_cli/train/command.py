@@ -139,7 +139,8 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     # the sizes of both kinds, and a warning when they will not fit the disk
     report_checkpoint_space(cfg.checkpoint, cfg.optim, student, run_dir / "checkpoints")
     stats = StepStats()
-    callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
+    activations = instantiate_or_raise(cfg.activation_schedule) if cfg.get("activation_schedule") else None
+    callbacks = [stats, BitScheduleCallback(schedule, activations), RandomState(data.order, data.batch_size),
                  *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"),
                  *configured_callbacks(cfg.get("callbacks"))]
     hint = divergence_hint(cfg.optim, cfg.trainer)
