@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from paired_seeds import GRANULARITIES, paired_interval
 
-from fraqat_cli.evaluate.paired_seeds import GRANULARITIES, paired_interval
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.quant.linear import ActivationQuantizer
 from fraqat_cli.quant.spec import PASS_THROUGH_BITS

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fraqat_cli.evaluate.paired_seeds import paired_interval as interval
+from paired_seeds import paired_interval as interval
 
 
 def run_arm(args, name: str, lr: float, overrides: list[str]) -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fraqat_cli.evaluate.paired_seeds import paired_interval
+from paired_seeds import paired_interval
 
 ARMS = ["max:per_tensor", "learned:per_tensor", "mse:per_tensor", "max:per_channel"]  # the first is the baseline
 

@@ -36,14 +36,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from fraqat_cli.data.conditioning import prompt_conditioning
-from fraqat_cli.data.sources import PromptOnlySource
-from fraqat_cli.evaluate.evaluator import load_student
-from fraqat_cli.evaluate.paired_seeds import (
+from paired_seeds import (
     ARM,
     GRANULARITIES,
-    LEGACY,
     MODELS,
     SCHEDULES,
     SELECTIONS,
@@ -52,6 +47,10 @@ from fraqat_cli.evaluate.paired_seeds import (
     rank,
     summarize,
 )
+
+from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.data.sources import PromptOnlySource
+from fraqat_cli.evaluate.evaluator import load_student
 from fraqat_cli.evaluate.targets import checkpoint_target
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.quant.spec import ROUNDINGS
@@ -162,7 +161,7 @@ def plot(sweep: Path, path: Path) -> None:
 def selection_label(config) -> str:
     """The SELECTIONS name of a run's quantized weights: its selection, `_conv` when 1x1 convolutions join."""
     layers = OmegaConf.select(config, "quantizer.layers", default=None) or ["linear"]
-    name = OmegaConf.select(config, "selection.name", default=LEGACY["selection"])
+    name = config.selection.name
     return name + ("_conv" if "pointwise_conv" in layers else "") + ("_dwconv" if "depthwise_conv" in layers else "")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from paired_seeds import paired_interval
 
-from fraqat_cli.evaluate.paired_seeds import paired_interval
 from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
 from fraqat_cli.models.loading import family_of, load_model
 from fraqat_cli.student.build import build_student

@@ -24,7 +24,8 @@ def script():
 
 
 def test_table_from_saved_numbers_prints_the_tables(tmp_path):
-    saved = {"runs": [{"rounding": "floor", "schedule": schedule, "granularity": "per_tensor", "seed": seed, "fid": fid,
+    saved = {"runs": [{"model": "toy", "selection": "transformer_blocks", "rounding": "floor", "schedule": schedule,
+                       "granularity": "per_tensor", "seed": seed, "fid": fid,
                        "held_out_loss": 0.01}
                       for schedule, fids in (("standard", [30.0, 31.0]), ("fractional", [29.0, 30.5]))
                       for seed, fid in enumerate(fids)]}

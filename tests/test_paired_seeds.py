@@ -1,11 +1,10 @@
-"""Tables over training seeds (`fraqat_cli.evaluate.paired_seeds`): the paired interval against scipy's, and the
+"""Tables over training seeds (`scripts/paired_seeds.py`): the paired interval against scipy's, and the
 tables on known numbers."""
 
 from __future__ import annotations
 
 import pytest
-
-from fraqat_cli.evaluate.paired_seeds import fid_gap_p_values, holm, paired_interval, paired_p_value, summarize
+from paired_seeds import fid_gap_p_values, holm, paired_interval, paired_p_value, summarize
 
 
 def test_paired_interval_is_scipys_paired_t_interval():
@@ -20,8 +19,9 @@ def test_paired_interval_is_scipys_paired_t_interval():
 
 
 def rows(rounding, schedule, fids):
-    return [{"rounding": rounding, "schedule": schedule, "granularity": "per_tensor", "seed": seed, "fid": fid,
-             "held_out_loss": 0.01} for seed, fid in enumerate(fids)]
+    return [{"model": "toy", "selection": "transformer_blocks", "rounding": rounding, "schedule": schedule,
+             "granularity": "per_tensor", "seed": seed, "fid": fid, "held_out_loss": 0.01}
+            for seed, fid in enumerate(fids)]
 
 
 def test_tables_say_which_gaps_and_ratios_are_distinguishable():

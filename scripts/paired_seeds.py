@@ -2,20 +2,31 @@
 seed by seed, with a Student-t interval that says whether the gap can be told from seed noise.
 
 The rows are per-seed measurements (one trained and evaluated student each) keyed by `ARM`; the benchmark
-(`scripts/compare_schedules.py`) and its saved `per_seed.json` files feed them."""
+(`scripts/compare_schedules.py`) and its saved `per_seed.json` files feed them. The names come from `conf/`:
+models, schedules and granularities are the presets there, shown in the order below where one is given."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from importlib import resources
 
+from fraqat_cli.evaluate.intervals import CONFIDENCE, t_interval
+from fraqat_cli.models.toy import TEACHERS
 from fraqat_cli.quant.spec import ROUNDINGS
 
-# Display order; any other conf/schedule entry sorts after these, by name.
-SCHEDULES = ["fp", "standard", "simple", "integer", "fractional", "cosine", "linear", "searched"]
+
+def presets(group: str, first: list[str]) -> list[str]:
+    """The preset names of `conf/<group>/` (internal `_` ones aside): `first` in its order, then the rest by name."""
+    names = {f.name.removesuffix(".yaml") for f in (resources.files("fraqat_cli.conf") / group).iterdir()
+             if f.name.endswith(".yaml") and not f.name.startswith("_")}
+    return [n for n in first if n in names] + sorted(names - set(first))
+
+
+SCHEDULES = presets("schedule", ["fp", "standard", "simple", "integer", "fractional", "cosine", "linear"])
 METHOD_NAMES = {"standard": "standard QAT", "fractional": "FraQAT"}
-MODELS = ["toy", "toy_pixart", "toy_flux"]
-GRANULARITIES = ["per_tensor", "per_channel"]
+MODELS = list(TEACHERS)  # the toy teachers the benchmarks train on (conf/model/toy*.yaml)
+GRANULARITIES = [g for g in presets("quantizer", ["per_tensor", "per_channel"]) if g != "per_group"]
 # Which weights are quantized, by name: `selection=` (which layers) and `quantizer.layers` (which kinds) together.
 SELECTIONS = {
     "transformer_blocks": ["selection=transformer_blocks"],  # the default: linear layers inside the blocks
@@ -24,8 +35,6 @@ SELECTIONS = {
     "transformer_blocks_conv": ["selection=transformer_blocks", "quantizer.layers=[linear,pointwise_conv]"],
 }
 ARM = ("model", "selection", "rounding", "schedule", "granularity")  # what a row's seeds are grouped by
-LEGACY = {"model": "toy", "selection": "transformer_blocks"}  # rows saved before these were varied
-CONFIDENCE = 0.95
 # A rounding that emits another's codes at integer bits (tests/test_fake_quant.py checks it) has that rounding's
 # `standard` (4-bit from the first step) students: a sweep need not train them twice.
 SAME_AT_INTEGER_BITS = {"nearest_int_range": "nearest"}
@@ -38,18 +47,8 @@ def rank(value: str, known: list[str]) -> tuple:
     return (known.index(value), "") if value in known else (len(known), value)
 
 
-def paired_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
-    """(mean, sd, low, high): Student-t interval for the mean of per-seed paired differences or ratios.
-
-    With one value the spread is unknown: sd, low and high are NaN."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = statistics.stdev(values)
-    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sd / math.sqrt(len(values))
-    return mean, sd, mean - half, mean + half
+# The interval of per-seed paired gaps is the t interval of their mean.
+paired_interval = t_interval
 
 
 def paired_p_value(values: list[float]) -> float:
@@ -92,7 +91,7 @@ def fid_gap_p_values(rows: list[dict]) -> dict[tuple, float]:
 
 
 def arm(row: dict) -> tuple:
-    return tuple(row.get(k, LEGACY.get(k)) for k in ARM)
+    return tuple(row[k] for k in ARM)
 
 
 def _by_seed(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
@@ -148,7 +147,7 @@ def family_table(model: str, rows: list[dict], teacher: dict | None, adjusted: d
     Holm-adjusted within its schedule's family of gaps (`adjusted`, from `adjusted_per_schedule`)."""
     adjusted = adjusted or {}
     groups = _by_seed(rows)
-    varying = [f for f in ("selection", "rounding") if len({r.get(f, LEGACY.get(f)) for r in rows}) > 1]
+    varying = [f for f in ("selection", "rounding") if len({r[f] for r in rows}) > 1]
     extra = [k for k in EXTRA if all(k in r for r in rows)]
     share = all("quantized_share" in r for r in rows)
     head = ["model", *varying, "granularity", "method", "seeds", "FID vs teacher mean ± sd",
