@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
     from fraqat_cli.train.plan import check_before_training
 
     check_before_training(cfg)  # on a GPU: a warning when the traced step will not fit its memory (fraqat-plan)
+    started = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
     data = prepare_data(cfg, source)
@@ -128,7 +130,7 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
             raise TrainingInterrupted(interrupted_at(trainer, run_dir / "checkpoints")) from None
         raise
     # 6. Report.
-    return report(cfg, trainer, schedule, summary, stats, run_dir)
+    return report(cfg, trainer, schedule, summary, stats, run_dir, time.monotonic() - started)
 
 
 def interrupted_at(trainer, checkpoint_dir: Path) -> str:
@@ -226,14 +228,18 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     from fraqat_cli.models.generation import student_grid_maker
     from fraqat_cli.train.callbacks import BitScheduleCallback, SampleImagesCallback, StepStats
     from fraqat_cli.train.checkpointing import AtomicCheckpointIO, checkpoint_callbacks, report_checkpoint_space
+    from fraqat_cli.train.curve import TrainingCurve
     from fraqat_cli.train.divergence import divergence_guard
+    from fraqat_cli.train.progress_bar import TrainingProgress
     from fraqat_cli.train.rng_state import RandomState
     from fraqat_cli.train.validation import HeldOutLoss
 
     report_checkpoint_space(cfg, student, run_dir / "checkpoints")  # sizes, and a warning when they will not fit
     stats = StepStats()
-    callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size),
+    callbacks = [stats, BitScheduleCallback(schedule), RandomState(data.order, data.batch_size), TrainingCurve(),
                  *checkpoint_callbacks(cfg, run_dir / "checkpoints")]
+    if cfg.trainer.enable_progress_bar:  # Lightning refuses a bar among the callbacks when it is switched off
+        callbacks.append(TrainingProgress())
     if (guard := divergence_guard(cfg, run_dir / "checkpoints")) is not None:  # NaN/inf loss or weights: exit 2
         callbacks.append(guard)
     if data.held_out is not None:
@@ -263,8 +269,10 @@ def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:
     print(length)
 
 
-def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) -> dict:
-    """metrics.json beside the checkpoints (rank 0), and the same dict returned."""
+def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path, seconds: float) -> dict:
+    """metrics.json and training.png beside the checkpoints (rank 0), and the metrics returned."""
+    from fraqat_cli.train.curve import CURVE_FILE, TrainingCurve, draw_training_curve
+
     previous = run_dir / METRICS_FILE  # a run resumed at its last step trains no step: keep its last loss
     last_loss = json.loads(previous.read_text())["final_loss"] if previous.is_file() else float("nan")
     metrics = {
@@ -273,12 +281,15 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
         "steps": int(trainer.global_step),
         **stats.summary(),
         **held_out_summary(trainer),
+        "seconds": round(seconds, 1),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
         "overrides": job_overrides(),
     }
     if trainer.is_global_zero:
+        curve = next(c for c in trainer.callbacks if isinstance(c, TrainingCurve))
+        draw_training_curve(curve.points, metrics.get("validation_curve", []), run_dir / CURVE_FILE)
         atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
 
@@ -309,8 +320,12 @@ def make_logger(cfg: DictConfig, run_dir: Path):
 def main(cfg: DictConfig) -> float | None:
     """Train, print the metrics, and return the held-out validation loss: the objective a sweeper
     (`hparams_search=schedule`, Optuna) minimises. None when `validation.share=0` holds no rows out."""
+    from fraqat_cli.train.run_summary import summary_table
+
     quiet_console()
     metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
-        print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
+        print(summary_table(metrics, output_dir()))
+        if cfg.print_json:
+            print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
     return metrics.get("validation_loss")
