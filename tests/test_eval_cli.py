@@ -220,7 +220,7 @@ def test_clip_weights_add_clip_score_and_clip_fid_against_the_teachers_images(sw
 
     job = sorted(p for p in sweep.iterdir() if (p / "checkpoints").is_dir())[0]
     result = fraqat_eval([f"ckpt=[{job},teacher]", "model=tiny_sana", *EVAL_FAST, f"clip.model={tiny_clip(tmp_path)}",
-                          "logger=none",
+                          "logger=none", "print_json=true",
                           f"results_csv={tmp_path}/results.csv", f"hydra.run.dir={tmp_path}/out"],
                          cwd=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]

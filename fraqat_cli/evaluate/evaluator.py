@@ -25,10 +25,11 @@ from fraqat_cli.data.conditioning import prompt_conditioning
 from fraqat_cli.evaluate.content import content_digest
 from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
+from fraqat_cli.evaluate.pair_grid import pair_grid
 from fraqat_cli.evaluate.targets import EvalTarget
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.embeddings import Conditioning
-from fraqat_cli.models.generation import generate, image_grid
+from fraqat_cli.models.generation import generate
 from fraqat_cli.models.loading import LoadedModel, load_model, model_identity
 from fraqat_cli.progress import Progress
 from fraqat_cli.train.checkpointing import StudentCheckpoint
@@ -151,7 +152,11 @@ class Evaluator:
             files = draw(out_dir / "images", f"{target.label} images")
         out_dir.mkdir(parents=True, exist_ok=True)
         images = [Image.open(f).convert("RGB") for f in files]
-        grid = image_grid(images[: cfg.grid_size])
+        shown = min(cfg.grid_size, len(images))
+        columns = [("teacher", [Image.open(f) for f in teacher_files[:shown]])]
+        if not target.is_teacher:
+            columns.append((f"student ({target.label})", images[:shown]))
+        grid = pair_grid(columns, self.prompts[:shown])
         atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         # 3. Metrics, and what they were measured on.
         results = {**self.metrics(files, teacher_dir, teacher_files, images, target.label),
@@ -181,6 +186,8 @@ class Evaluator:
             "protocol": self.protocol(target.config.model, len(files)),
             "images_dir": str(files[0].parent),
             "grid": str(out_dir / "grid.png"),
+            "results_json": str(out_dir / "results.json"),
+            "train_seed": None if target.is_teacher else target.config.get("seed"),
             "versions": package_versions(),
         }
 
