@@ -24,6 +24,12 @@ from fraqat_cli.models.loading import load_model
 EVAL_FAST = ["prompts.count=6", "logger=csv", "batch_size=6", "clip.model=null"]
 
 
+def pair_grid_size(pairs: int) -> tuple[int, int]:
+    from test_console import grid_size
+
+    return grid_size(pairs)
+
+
 def fraqat_eval(args, cwd, cache_dir):
     command = [os.path.join(os.path.dirname(sys.executable), "fraqat-eval"), *args]
     return subprocess.run(command, cwd=cwd, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
@@ -55,7 +61,7 @@ def test_sweep_eval_writes_images_grid_and_results_per_job(sweep, evaluated):
     for r in results.values():
         images = sorted(os.listdir(r["images_dir"]))
         assert [name for name in images if name.endswith(".png")] == [f"{i:05d}.png" for i in range(6)]
-        assert Image.open(r["grid"]).size == (4 * 32, 2 * 32)
+        assert Image.open(r["grid"]).size == pair_grid_size(6), "6 teacher | student pairs, 4 a row"
         assert r["fid"] >= 0 and r["num_images"] == 6 and r["weight_bits"] == 4.0
         assert r["reference"] == "teacher" and "inception" in r["fid_feature_extractor"]
         assert r["versions"]["torch"]
