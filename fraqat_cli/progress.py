@@ -2,7 +2,8 @@
 
 On a terminal it is a tqdm bar with the stage's label. Redirected (a SLURM log, a pipe) a bar would be one
 endless line of carriage returns, so it writes whole lines instead, a few per stage: when the stage starts,
-at each quarter of its work, at most every `LOG_EVERY_S` seconds in between for a long stage, and at its end.
+at each quarter of its work (unless the last line is under `MIN_GAP_S` old), every `LOG_EVERY_S` seconds in
+between for a long stage, and at its end.
 Every line starts with the label, so `grep 'teacher latents' slurm.log` finds a stage.
 """
 
@@ -15,7 +16,8 @@ import time
 from tqdm import tqdm
 
 LOG_EVERY_S = 300.0  # redirected: a long stage still says something every five minutes
-MILESTONES = 4  # redirected: a line at each quarter of the work
+MILESTONES = 4  # redirected: a line at each quarter of the work...
+MIN_GAP_S = 10.0  # ...that comes at least this long after the last one: a short stage is its start and end
 
 
 def _duration(seconds: float) -> str:
@@ -31,9 +33,9 @@ class Progress:
     `enabled=False` shows nothing (a DDP worker, `trainer.enable_progress_bar=false`)."""
 
     def __init__(self, label: str, total: int, unit: str = "it", initial: int = 0, enabled: bool = True,
-                 stream=None) -> None:
+                 stream=None, min_gap_s: float = MIN_GAP_S) -> None:
         self.label, self.total, self.unit, self.done, self.initial = label, total, unit, initial, initial
-        self.stream = stream or sys.stderr
+        self.stream, self.min_gap_s = stream or sys.stderr, min_gap_s
         self.enabled = enabled and int(os.environ.get("LOCAL_RANK", "0")) == 0
         self.started = self._last_line = time.monotonic()
         self._next_milestone = 1
@@ -60,7 +62,8 @@ class Progress:
             return
         now = time.monotonic()
         milestone = self.done * MILESTONES >= self._next_milestone * self.total
-        if self.done < self.total and (milestone or now - self._last_line >= LOG_EVERY_S):
+        since = now - self._last_line
+        if self.done < self.total and ((milestone and since >= self.min_gap_s) or since >= LOG_EVERY_S):
             self._skip_milestones()
             self._line(self._status(now))
 

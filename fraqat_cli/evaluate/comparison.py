@@ -81,34 +81,52 @@ def seed_groups(results: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def bar_chart(results: list[dict], path: Path) -> None:
-    """FID per trained configuration as a bar chart PNG: one bar per configuration; with several training seeds
+    """FID per trained configuration as a bar chart PNG (and, when the prompts have ground truth, FID against
+    the validation scenes beside it): one bar per configuration, its value on top; with several training seeds
     the bar is their mean, with a Student-t interval and each seed as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(seed_groups(results).items())
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(groups)), 3.5))
-    for x, ((_, schedule, _, _), members) in enumerate(groups):
-        fids = [r["fid"] for r in members]
-        mean, _, low, high = paired_interval(fids)
-        ax.bar(x, mean, color="#bbbbbb" if schedule == "teacher" else "#4477aa")
-        if len(fids) > 1:
-            ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], color="black", capsize=5, linewidth=1.2)
-            ax.plot([x] * len(fids), fids, "o", color="#ee6677", markersize=4, zorder=3)
-    labels = [f"{schedule}\n{granularity}" + (f"\n{len(m)} seeds" if len(m) > 1 else "")
-              for (_, schedule, granularity, _), m in groups]
-    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    groups = sorted(seed_groups(results).items(), key=lambda item: item[0][1] != "teacher")  # the teacher first
+    measures = [("fid", f"FID vs {results[0]['reference']}")]
+    if any("fid_val" in r for r in results):
+        measures.append(("fid_val", "FID vs validation scenes"))
+    fig, axes = plt.subplots(1, len(measures), figsize=(max(4, 1.3 * len(groups)) * len(measures), 3.8),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes[0], measures):
+        _bars(ax, groups, key)
+        ax.set_ylabel(f"{title}\n(lower is closer)")
     n = min(r["num_images"] for r in results)
-    ax.set_ylabel(f"FID vs {results[0]['reference']}\n(lower is closer)")
-    ax.set_title(f"n = {n} images per model" + (" (FID unstable below 2048)" if n < ADVISED_FID_IMAGES else ""),
+    fig.suptitle(f"n = {n} images per model" + (" (FID unstable below 2048)" if n < ADVISED_FID_IMAGES else ""),
                  fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+
+
+def _bars(ax, groups: list[tuple[tuple, list[dict]]], key: str) -> None:
+    for x, ((_, schedule, _, _), members) in enumerate(groups):
+        values = [r[key] for r in members if r.get(key) is not None]
+        if not values:
+            continue
+        mean, _, low, high = paired_interval(values)
+        ax.bar(x, mean, color="#bbbbbb" if schedule == "teacher" else "#4477aa")
+        top = mean
+        if len(values) > 1:
+            ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], color="black", capsize=5, linewidth=1.2)
+            ax.plot([x] * len(values), values, "o", color="#ee6677", markersize=4, zorder=3)
+            top = max(high, *values)
+        reference = schedule == "teacher" and key == "fid" and mean == 0
+        ax.annotate("0 (itself)" if reference else f"{mean:.2f}", (x, top), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    labels = [f"{schedule}\n{granularity}" + (f"\n{len(m)} seeds" if len(m) > 1 else "")
+              for (_, schedule, granularity, _), m in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.margins(y=0.12)
 
 
 def write_comparison(results: list[dict], folder: Path) -> tuple[Path, Path]:

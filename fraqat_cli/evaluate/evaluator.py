@@ -225,11 +225,10 @@ class Evaluator:
             results["kid"] = kid_from_features(features, reference)
         results["reference"] = cfg.reference
         results["fid_feature_extractor"] = self.extractor_name
-        for warning in filter(
-            None, [stability_warning(len(files), "generated set"), stability_warning(count, "reference set")]
-        ):
-            if warning not in self.warnings:
-                self.warnings.append(warning)
+        # The generated set's count is in the comparison's notes; a reference of another size is said here.
+        warning = None if cfg.reference == "teacher" else stability_warning(count, "reference set")
+        if warning is not None and warning not in self.warnings:
+            self.warnings.append(warning)
         if self.clip is not None:
             from fraqat_cli.evaluate.clip_score import clip_score
 
