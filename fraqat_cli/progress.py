@@ -43,7 +43,7 @@ class Progress:
         self._bar = None
         if not self.enabled:
             return
-        if self.stream.isatty():
+        if getattr(self.stream, "isatty", lambda: False)():
             self._bar = tqdm(total=total, initial=initial, desc=label, unit=unit, file=self.stream,
                              dynamic_ncols=True, leave=True)
         else:
@@ -67,21 +67,22 @@ class Progress:
             self._skip_milestones()
             self._line(self._status(now))
 
-    def close(self) -> None:
-        """The stage's last line: its count and how long it took."""
+    def close(self, stopped: bool = False) -> None:
+        """The stage's last line: its count and how long it took (`stopped`: by an error, where it got to)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
             return
-        self._line(f"{self.done}/{self.total} {self.unit} in {_duration(time.monotonic() - self.started)}"
-                   + (f", {self._postfix_text()}" if self._postfix else ""))
+        extra = f", {self._postfix_text()}" if self._postfix else ""
+        self._line(("stopped at " if stopped else "") + f"{self.done}/{self.total} {self.unit} in "
+                   f"{_duration(time.monotonic() - self.started)}{extra}")
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, error_type, *exc) -> None:
+        self.close(stopped=error_type is not None)
 
     def _skip_milestones(self) -> None:
         while self.total and self._next_milestone * self.total <= self.done * MILESTONES:

@@ -48,6 +48,14 @@ def test_a_short_stage_is_its_first_and_last_line():
     assert [line.split()[1] for line in stream.getvalue().splitlines()] == ["0/64", "64/64"]
 
 
+def test_a_stage_an_error_stops_says_where_it_stopped():
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress("teacher latents", 64, unit="rows", stream=stream) as progress:
+        progress.update(16)
+        raise KeyboardInterrupt
+    assert stream.getvalue().splitlines()[-1].startswith("[teacher latents] stopped at 16/64 rows in 0:0")
+
+
 def test_a_resumed_stage_starts_from_what_is_done_and_a_disabled_one_is_silent():
     stream = io.StringIO()
     with Progress("encoding prompts", 8, unit="rows", initial=6, stream=stream) as progress:
