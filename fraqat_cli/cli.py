@@ -100,6 +100,10 @@ def quiet_console() -> None:
     wandb logs offline unless WANDB_MODE says otherwise (never blocking on a login)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Redirected, stdout is block-buffered and stderr is not: a log holding both (a SLURM job's) would show the
+    # run's own lines after the progress lines they came before. A line at a time keeps them in order.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import it first)
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # device summary, seed, tips (logged twice under Hydra)
