@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 LOG_EVERY_S = 300.0  # redirected: a long stage still says something every five minutes
 MILESTONES = 4  # redirected: a line at each quarter of the work...
-MIN_GAP_S = 10.0  # ...that comes at least this long after the last one: a short stage is its start and end
+MIN_GAP_S = 30.0  # ...that comes at least this long after the last one: a short stage is its start and end
 
 
 def _duration(seconds: float) -> str:
