@@ -31,11 +31,11 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from fraqat_cli.checks import positive_int
 from fraqat_cli.cli import warn
 from fraqat_cli.files import atomic_write
+from fraqat_cli.progress import Progress
 
 KEY_FIELD = "fraqat_cache_key"  # in each file's safetensors metadata (and index.json): the entry it belongs to
 
@@ -192,16 +192,15 @@ def _layout(path: Path) -> tuple:
 def _build_store(folder: Path, key: str, rows: int, shard_rows: int, compute_rows, compute_shared,
                  description: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    shared = None
-    if compute_shared is not None:
-        shared = "shared.safetensors"
-        if not _whole(folder / shared, key):
-            _save(folder / shared, compute_shared(), key)
     shards = [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)]
     names = [f"shard-{start:09d}-{stop:09d}.safetensors" for start, stop in shards]
     missing = [((a, b), name) for (a, b), name in zip(shards, names) if not _whole(folder / name, key, b - a)]
     done = rows - sum(stop - start for (start, stop), _ in missing)
-    with tqdm(total=rows, initial=done, desc=description, unit="row", disable=None) as progress:
+    shared = "shared.safetensors" if compute_shared is not None else None
+    # the line opens before the first computation: loading the models that compute is part of the stage
+    with Progress(description, rows, unit="rows", initial=done) as progress:
+        if shared is not None and not _whole(folder / shared, key):
+            _save(folder / shared, compute_shared(), key)
         for (start, stop), name in missing:
             tensors = compute_rows(start, stop)
             wrong = {k: tuple(v.shape) for k, v in tensors.items() if v.dim() == 0 or len(v) != stop - start}

@@ -116,6 +116,10 @@ def quiet_console() -> None:
     wandb logs offline unless WANDB_MODE says otherwise (never blocking on a login)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Redirected, stdout is block-buffered and stderr is not: a log holding both (a SLURM job's) would show the
+    # run's own lines after the progress lines they came before. A line at a time keeps them in order.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     # torchao (for optim=adamw8bit), which diffusers and transformers import when it is installed, registers
     # enums with torch's pytree, and torch logs a deprecation for each: about torchao's internals, not the run
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)

@@ -98,10 +98,11 @@ def test_a_finished_run_is_reported_and_left_as_it_was_and_leftovers_go(finished
     kept = contents(run)
     del kept[str(killed_write.relative_to(run))], kept[".metrics.json.x_9ab2cd.tmp"]
 
-    again = fraqat_train([*FAST, f"hydra.run.dir={run}"], cwd=tmp_path, cache_dir=cache_dir)
+    again = fraqat_train([*FAST, f"hydra.run.dir={run}", "print_json=true"], cwd=tmp_path, cache_dir=cache_dir)
 
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"already finished at step 4; its result ({run / 'metrics.json'}):" in again.stdout
+    assert "fraqat-train: done" in again.stdout  # the summary table, then the JSON print_json asks for
     assert "student:" not in again.stdout  # no model was built
     printed = json.loads(again.stdout[again.stdout.index("{"):])
     assert printed == {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k != "overrides"}

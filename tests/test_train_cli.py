@@ -142,8 +142,9 @@ def test_every_family_trains_in_bf16_with_sample_grids(family_sweep):
 @pytest.mark.slow
 def test_bf16_students_evaluate_beside_their_bf16_teachers(family_sweep, cache_dir, tmp_path):
     result = console("fraqat-eval", [f"ckpt={family_sweep}", "prompts=offline", "prompts.count=4", "batch_size=4",
-                                     "logger=none", "clip.model=null", f"results_csv={tmp_path}/results.csv",
-                                     f"hydra.run.dir={tmp_path}/out"], tmp_path, cache_dir)
+                                     "logger=none", "clip.model=null", "print_json=true",
+                                     f"results_csv={tmp_path}/results.csv", f"hydra.run.dir={tmp_path}/out"],
+                     tmp_path, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert sorted(r["label"].split("-", 1)[1] for r in results) == sorted(

@@ -88,15 +88,16 @@ def conditioning_store(
 
 def warn_long_prompts(pipe, prompts: list[str], max_sequence_length: int) -> int:
     """Say how many prompts are longer than a text encoder takes (the pipelines truncate them, and say so only
-    in a log the console silences): each tokenizer's limit is `max_sequence_length` or its own, if lower
-    (CLIP's 77). Returns that count."""
+    in a log the console silences): each tokenizer's limit is `max_sequence_length` or its own, if lower;
+    the CLIP encoders of SD3 and FLUX take their own 77 whatever `max_sequence_length` is. Returns that count."""
     from fraqat_cli.cli import warn
 
     too_long, limits = set(), []
     for name, tokenizer in pipe.components.items():
         if not name.startswith("tokenizer") or tokenizer is None:
             continue
-        limit = min(max_sequence_length, tokenizer.model_max_length)
+        limit = tokenizer.model_max_length if _clip_role(pipe, name) else min(max_sequence_length,
+                                                                               tokenizer.model_max_length)
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
         over = {i for i, length in enumerate(lengths) if length > limit}
         too_long |= over
@@ -106,6 +107,13 @@ def warn_long_prompts(pipe, prompts: list[str], max_sequence_length: int) -> int
         warn(f"{len(too_long)} of {len(prompts)} prompts are longer than the text encoder takes (tokens: "
              f"{', '.join(limits)}) and are truncated to it, e.g. {first[:60] + '...' if len(first) > 60 else first!r}")
     return len(too_long)
+
+
+def _clip_role(pipe, name: str) -> bool:
+    """Whether `name` is a CLIP tokenizer beside a T5 one (SD3, FLUX): their pipelines cut it at its own
+    `model_max_length` (`tokenizer_max_length`), not at `max_sequence_length`, which is T5's."""
+    others = [k for k in pipe.components if k.startswith("tokenizer") and k != name]
+    return "CLIP" in type(pipe.components[name]).__name__ and bool(others)
 
 
 def prompt_conditioning(

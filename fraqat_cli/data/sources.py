@@ -52,7 +52,8 @@ def _latent_store(kind: str, parts: dict, rows: int, shard_rows: int, pipe, devi
         if home:
             pipe.to(home["device"])
 
-    return sharded_tensors(cache_dir, kind, parts, rows, shard_rows, compute_rows, finish=finish, description=kind)
+    return sharded_tensors(cache_dir, kind, parts, rows, shard_rows, compute_rows, finish=finish,
+                           description=kind.replace("-", " "))  # the stage's label: "teacher latents"
 
 
 class PromptOnlySource:

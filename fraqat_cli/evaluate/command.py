@@ -97,12 +97,27 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     print("\n" + comparison_table(results))
     for warning in evaluator.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    sweeps = {t.sweep_dir for t in targets if t.sweep_dir}
-    for sweep in sweeps:
-        table, chart = write_comparison([r for r, t in zip(results, targets) if t.sweep_dir == sweep], sweep)
-        print(f"comparison: {table} and {chart}")
+    # 3. The comparison of everything evaluated, in this eval's folder, and a sweep's own beside its jobs
+    # (with the teacher's row, when the teacher was evaluated too).
+    teachers = [r for r, t in zip(results, targets) if t.is_teacher]
+    comparisons = [write_comparison(results, Path(cfg.out_dir))]
+    for sweep in sorted({t.sweep_dir for t in targets if t.sweep_dir}):
+        members = [r for r, t in zip(results, targets) if t.sweep_dir == sweep]
+        comparisons.append(write_comparison(teachers + members, sweep))
+    print(where_results_went(results, comparisons))
     log_results(cfg, results)
     return results
+
+
+def where_results_went(results: list[dict], comparisons: list[tuple[Path, Path]]) -> str:
+    """Each model's results.json and grid.png, and the comparisons' table and chart, one path a line."""
+    width = max(len(r["label"]) for r in results)
+    lines = ["results:"]
+    for r in results:
+        lines += [f"  {r['label']:<{width}}  {r['results_json']}", f"  {'':<{width}}  {r['grid']}"]
+    for table, chart in comparisons:
+        lines += [f"comparison: {table}", f"            {chart}"]
+    return "\n".join(lines)
 
 
 def update_csv(path: Path, results: list[dict]) -> None:
@@ -150,4 +165,5 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
 def main(cfg: DictConfig) -> None:
     quiet_console()
     results = run_reporting_errors("fraqat-eval", lambda: evaluate(cfg))
-    print(json.dumps([{k: r[k] for k in ("label", *SUMMARY_METRICS) if k in r} for r in results]))
+    if cfg.print_json:
+        print(json.dumps([{k: r[k] for k in ("label", *SUMMARY_METRICS) if k in r} for r in results]))

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fraqat_cli.cache import cache_key
 from fraqat_cli.cli import warn
@@ -26,11 +25,13 @@ from fraqat_cli.data.conditioning import prompt_conditioning
 from fraqat_cli.evaluate.content import content_digest
 from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
+from fraqat_cli.evaluate.pair_grid import pair_grid
 from fraqat_cli.evaluate.targets import EvalTarget
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.conditioning import Conditioning
-from fraqat_cli.models.generation import generate, image_grid
+from fraqat_cli.models.generation import generate
 from fraqat_cli.models.loading import LoadedModel, load_model, model_identity
+from fraqat_cli.progress import Progress
 from fraqat_cli.student.build import model_skeleton
 from fraqat_cli.student.checkpoint import StudentCheckpoint
 from fraqat_cli.student.rebuild import rebuild_student
@@ -53,12 +54,17 @@ def ensure_images(model: LoadedModel, conditioning: Conditioning, seeds: list[in
     chunks = [range(s, min(s + batch_size, len(seeds))) for s in range(0, len(seeds), batch_size)]
     todo = [chunk for chunk in chunks if not all(files[i].is_file() for i in chunk)]
     folder.mkdir(parents=True, exist_ok=True)
-    for chunk in tqdm(todo, desc=f"generating {what}", disable=not todo):
-        rows = list(chunk)
-        images = generate(model, conditioning.rows(rows), [seeds[i] for i in rows], batch_size=batch_size)
-        for i, image in zip(rows, images):
-            if not files[i].is_file():
-                atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
+    if not todo:
+        return files
+    initial = len(files) - sum(len(chunk) for chunk in todo)
+    with Progress(f"generating {what}", len(files), unit="images", initial=initial) as progress:
+        for chunk in todo:
+            rows = list(chunk)
+            images = generate(model, conditioning.rows(rows), [seeds[i] for i in rows], batch_size=batch_size)
+            for i, image in zip(rows, images):
+                if not files[i].is_file():
+                    atomic_write(files[i], lambda tmp, im=image: im.save(tmp, format="PNG"))
+            progress.update(len(rows))
     return files
 
 
@@ -101,17 +107,19 @@ class Evaluator:
 
             self.clip_features = CLIPImageFeatures(*clip).to(device)
 
-    def features(self, folder: Path, files: list[Path], clip: bool = False) -> np.ndarray:
+    def features(self, folder: Path, files: list[Path], clip: bool = False, what: str = "images") -> np.ndarray:
         """Inception (or, `clip`, CLIP image) features of a folder's images, cached beside them per extractor
         and per set of files as they are on disk (names, sizes, modification times: an image replaced in a
-        reference folder is a new set). A cache file that cannot serve is named and recomputed."""
+        reference folder is a new set). A cache file that cannot serve is named and recomputed. `what` names the
+        images in the progress line."""
         name = f"clip {self.cfg.clip.model}" if clip else self.extractor_name
         extractor = self.clip_features if clip else self.extractor
         stats = [(f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
         cache = folder / f"features-{cache_key({'x': name, 'n': len(files), 'files': stats})}.npy"
         if cache.is_file() and (cached := cached_features(cache, len(files))) is not None:
             return cached
-        features = files_features(files, extractor, self.device, self.cfg.fid.batch_size, verbose=True)
+        label = f"{'CLIP' if clip else 'Inception'} features of {what}"
+        features = files_features(files, extractor, self.device, self.cfg.fid.batch_size, label=label)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -145,10 +153,14 @@ class Evaluator:
             files = draw(out_dir / "images", f"{target.label} images")
         out_dir.mkdir(parents=True, exist_ok=True)
         images = [Image.open(f).convert("RGB") for f in files]
-        grid = image_grid(images[: cfg.grid_size])
+        shown = min(cfg.grid_size, len(images))
+        columns = [("teacher", [Image.open(f) for f in teacher_files[:shown]])]
+        if not target.is_teacher:
+            columns.append((f"student ({target.label})", images[:shown]))
+        grid = pair_grid(columns, self.prompts[:shown])
         atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         # 3. Metrics, and what they were measured on.
-        results = {**self.metrics(files, teacher_dir, teacher_files, images),
+        results = {**self.metrics(files, teacher_dir, teacher_files, images, target.label),
                    **self.description(target, files, out_dir), "digest": digest,
                    "seconds": round(time.time() - started, 1)}
         atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
@@ -175,6 +187,8 @@ class Evaluator:
             "protocol": self.protocol(target.config.model, len(files)),
             "images_dir": str(files[0].parent),
             "grid": str(out_dir / "grid.png"),
+            "results_json": str(out_dir / "results.json"),
+            "train_seed": None if target.is_teacher else target.config.get("seed"),
             "versions": package_versions(),
         }
 
@@ -187,16 +201,16 @@ class Evaluator:
                           "reference_stats": cfg.reference_stats, "reference_dir": cfg.reference_dir,
                           "fid": self.extractor_name, "clip": cfg.clip.model})
 
-    def metrics(self, files, teacher_dir, teacher_files, images) -> dict:
+    def metrics(self, files, teacher_dir, teacher_files, images, what: str = "images") -> dict:
         from fraqat_cli.evaluate.metrics import load_reference_stats
 
         cfg, results = self.cfg, {}
-        features = self.features(files[0].parent, files)
+        features = self.features(files[0].parent, files, what=f"{what} images")
         if cfg.reference == "teacher" and files == teacher_files:
             count = len(files)
             results["fid"] = results["kid"] = 0.0  # the teacher against its own images: zero by construction
         elif cfg.reference == "teacher":
-            reference, count = self.features(teacher_dir, teacher_files), len(teacher_files)
+            reference, count = self.features(teacher_dir, teacher_files, what="teacher images"), len(teacher_files)
             results["fid"] = fid_from_features(features, reference)
             results["kid"] = kid_from_features(features, reference)
         elif cfg.reference_stats:
@@ -206,21 +220,21 @@ class Evaluator:
             results["kid"] = kid_from_features(features, stats["features"])
         else:
             reference_dir, reference_files = self.reference_images()
-            reference, count = self.features(reference_dir, reference_files), len(reference_files)
+            reference, count = self.features(reference_dir, reference_files, what="reference images"), \
+                len(reference_files)
             results["fid"] = fid_from_features(features, reference)
             results["kid"] = kid_from_features(features, reference)
         results["reference"] = cfg.reference
         results["fid_feature_extractor"] = self.extractor_name
-        for warning in filter(
-            None, [stability_warning(len(files), "generated set"), stability_warning(count, "reference set")]
-        ):
-            if warning not in self.warnings:
-                self.warnings.append(warning)
+        # The generated set's count is in the comparison's notes; a reference of another size is said here.
+        warning = None if cfg.reference == "teacher" else stability_warning(count, "reference set")
+        if warning is not None and warning not in self.warnings:
+            self.warnings.append(warning)
         if self.clip is not None:
             from fraqat_cli.evaluate.clip_score import clip_score
 
             results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
-            results.update(self.clip_fid(files, teacher_dir, teacher_files))
+            results.update(self.clip_fid(files, teacher_dir, teacher_files, what))
         if self.scenes is not None:
             results.update(self.ground_truth_metrics(features, images))
         return results
@@ -230,7 +244,8 @@ class Evaluator:
         folder = Path(str(self.cfg.reference_dir)).expanduser()
         return folder, sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
-    def clip_fid(self, files: list[Path], teacher_dir: Path, teacher_files: list[Path]) -> dict:
+    def clip_fid(self, files: list[Path], teacher_dir: Path, teacher_files: list[Path], what: str = "images"
+                 ) -> dict:
         """FID in CLIP's image space against the same reference images as `fid` (the paper reports both);
         stored reference statistics hold Inception features only, so they give no CLIP-FID."""
         if self.cfg.reference == "teacher" and files == teacher_files:
@@ -241,14 +256,15 @@ class Evaluator:
             reference_dir, reference_files = self.reference_images()
         else:
             return {}
-        features = self.features(files[0].parent, files, clip=True)
-        return {"clip_fid": fid_from_features(features, self.features(reference_dir, reference_files, clip=True))}
+        features = self.features(files[0].parent, files, clip=True, what=f"{what} images")
+        reference = self.features(reference_dir, reference_files, clip=True, what="reference images")
+        return {"clip_fid": fid_from_features(features, reference)}
 
     def ground_truth_metrics(self, features: np.ndarray, images: list[Image.Image]) -> dict:
         """`fid_val`: FID against the rendered scenes (same Inception and clean-fid path as `fid`), and
         attribute accuracy; `features` are the evaluated images' Inception features."""
         files = scene_image_files(self.scenes, self.cfg.cache_dir)
-        reference = self.features(files[0].parent, files)
+        reference = self.features(files[0].parent, files, what="ground-truth scenes")
         return {"fid_val": fid_from_features(features, reference), **attribute_scores(images, self.scenes)}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fraqat_cli.files import atomic_write
+from fraqat_cli.progress import Progress
 
 # FID's covariance is 2048 x 2048: with fewer images than features it is singular and the
 # figure swings from one draw of images to the next.
@@ -31,14 +32,21 @@ def folder_features(folder: str | Path, extractor, device: torch.device, batch_s
 
 
 def files_features(files: list[Path], extractor, device: torch.device, batch_size: int = 32,
-                   verbose: bool = False) -> np.ndarray:
+                   label: str | None = None) -> np.ndarray:
     """(N, D) features of exactly `files`, in order, through the same clean-fid pipeline as `folder_features`:
-    a folder that also holds other files (cached features beside the images) counts only these."""
+    a folder that also holds other files (cached features beside the images) counts only these. Computed a
+    batch at a time (each image's features are its own), so `label` names a progress line (`Progress`)."""
     from cleanfid import fid
 
-    return fid.get_files_features([str(f) for f in files], extractor, num_workers=0, batch_size=batch_size,
-                                  device=device, mode="clean", verbose=verbose,
-                                  custom_fn_resize=getattr(extractor, "resize", None))
+    chunks = []
+    with Progress(label or "features", len(files), unit="images", enabled=label is not None) as progress:
+        for start in range(0, len(files), batch_size):
+            batch = [str(f) for f in files[start:start + batch_size]]
+            chunks.append(fid.get_files_features(batch, extractor, num_workers=0, batch_size=batch_size,
+                                                 device=device, mode="clean", verbose=False,
+                                                 custom_fn_resize=getattr(extractor, "resize", None)))
+            progress.update(len(batch))
+    return np.concatenate(chunks)
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,14 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 def gemma_tokenizer(corpus: list[str], vocab_size: int = 300, model_max_length: int = 300) -> GemmaTokenizer:
-    tok = GemmaTokenizer().train_new_from_iterator(corpus, vocab_size=vocab_size)
+    tok = GemmaTokenizer().train_new_from_iterator(corpus, vocab_size=vocab_size, show_progress=False)
     tok.model_max_length = model_max_length
     return tok
 
 
 def t5_tokenizer(corpus: list[str], vocab_size: int = 200, model_max_length: int = 512) -> T5Tokenizer:
-    tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=vocab_size)
+    tok = T5Tokenizer(extra_ids=0).train_new_from_iterator(corpus, vocab_size=vocab_size,
+                                                          show_progress=False)
     tok.model_max_length = model_max_length
     return tok
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -281,7 +282,11 @@ def trace_step(cfg: DictConfig, batch_size: int, accumulating: bool, row: dict |
     tracker = PeakTracker()
     tracker.track_external(student, teacher, optimizer, *batch.values())
     counter = TotalFlops()
-    with eager, mode, tracker, counter:
+    with eager, mode, tracker, counter, warnings.catch_warnings():
+        # The CPU trace feeds bf16 activations to the student's float32 norm weights, and torch notes that its
+        # fused CPU norm kernel cannot take the two ("Mismatch dtype between input and weight"): about the speed
+        # of a trace that measures memory, not about the run.
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         with torch.autocast("cpu", dtype=compute or torch.bfloat16, enabled=compute is not None):
             loss = module.distillation_loss(batch)["loss"]
         loss.backward()

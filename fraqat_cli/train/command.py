@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -34,14 +35,17 @@ from fraqat_cli.train.checkpointing import (
     report_checkpoint_space,
     resume_path,
 )
+from fraqat_cli.train.curve import CURVE_FILE, TrainingCurve, draw_training_curve
 from fraqat_cli.train.divergence import check_divergence_settings, divergence_guard, divergence_hint
 from fraqat_cli.train.hydra_job import job_overrides, output_dir, run_dir_given
 from fraqat_cli.train.last_run import point_last_run
 from fraqat_cli.train.optimizers import check_optimizer
+from fraqat_cli.train.progress_bar import TrainingProgress
 from fraqat_cli.train.rng_state import RandomState
 from fraqat_cli.train.run_config import previous_result
 from fraqat_cli.train.run_folder import own_run_folder, remove_leftovers
 from fraqat_cli.train.run_length import check_run_length, run_length, short_schedule_warning
+from fraqat_cli.train.run_summary import summary_table
 from fraqat_cli.train.sweep import METRICS_FILE
 from fraqat_cli.train.validation import HeldOutLoss, held_out_rows
 
@@ -96,6 +100,7 @@ class TrainingInterrupted(RuntimeError, ExpectedFailure):
 
 def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None) -> dict:
     """Build the data, models and trainer, train from `ckpt_path` (or afresh), and report."""
+    started = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     # 2. Prompts -> text conditioning, clean latents: cached on disk, read a row at a time.
     data = prepare_data(cfg, source)
@@ -121,7 +126,7 @@ def fit(cfg: DictConfig, schedule, source, run_dir: Path, ckpt_path: str | None)
     finally:
         finish_run()  # the next job of a sweep (same process) starts its own logger run
     # 6. Report.
-    return report(cfg, trainer, schedule, summary, stats, run_dir)
+    return report(cfg, trainer, schedule, summary, stats, run_dir, time.monotonic() - started)
 
 
 def interrupted_at(trainer, checkpoint_dir: Path) -> str:
@@ -141,8 +146,11 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     stats = StepStats()
     activations = instantiate_or_raise(cfg.activation_schedule) if cfg.get("activation_schedule") else None
     callbacks = [stats, BitScheduleCallback(schedule, activations), RandomState(data.order, data.batch_size),
+                 TrainingCurve(),
                  *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"),
                  *configured_callbacks(cfg.get("callbacks"))]
+    if cfg.trainer.enable_progress_bar:  # Lightning refuses a bar among the callbacks when it is switched off
+        callbacks.append(TrainingProgress())
     hint = divergence_hint(cfg.optim, cfg.trainer)
     if (guard := divergence_guard(cfg.divergence, hint, run_dir / "checkpoints")) is not None:  # NaN/inf: exit 2
         callbacks.append(guard)
@@ -178,8 +186,8 @@ def fix_run_length(cfg: DictConfig, trainer, module, samples: int) -> None:
     print(length)
 
 
-def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) -> dict:
-    """metrics.json beside the checkpoints (rank 0), and the same dict returned."""
+def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path, seconds: float) -> dict:
+    """metrics.json and training.png beside the checkpoints (rank 0), and the metrics returned."""
     previous = run_dir / METRICS_FILE  # a run resumed at its last step trains no step: keep its last loss
     last_loss = json.loads(previous.read_text())["final_loss"] if previous.is_file() else float("nan")
     metrics = {
@@ -188,12 +196,15 @@ def report(cfg: DictConfig, trainer, schedule, summary, stats, run_dir: Path) ->
         "steps": int(trainer.global_step),
         **stats.summary(),
         **held_out_summary(trainer),
+        "seconds": round(seconds, 1),
         "checkpoint": str(run_dir / "checkpoints" / LAST),
         "quantized_layers": summary.quantized_layers,
         "quantized_params": summary.quantized_params,
         "overrides": job_overrides(),
     }
     if trainer.is_global_zero:
+        curve = next(c for c in trainer.callbacks if isinstance(c, TrainingCurve))
+        draw_training_curve(curve.points, metrics.get("validation_curve", []), run_dir / CURVE_FILE)
         atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
 
@@ -211,5 +222,7 @@ def main(cfg: DictConfig) -> float | None:
     quiet_lightning()
     metrics = run_reporting_errors("fraqat-train", lambda: train(cfg))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # DDP workers re-run this entry point
-        print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
+        print(summary_table(metrics, output_dir()))
+        if cfg.print_json:
+            print(json.dumps({k: v for k, v in metrics.items() if k != "overrides"}, indent=2))
     return metrics.get("validation_loss")

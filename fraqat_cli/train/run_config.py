@@ -22,7 +22,7 @@ NOT_TRAINING = (
     "logger", "logger_run_name", "last_run_link", "callbacks", "resume", "cache_dir", "run_name", "checkpoint",
     "sample_every_n_steps", "num_sample_images", "gradient_checkpointing",
     "divergence", "validation.every_n_steps", "data.num_workers", "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps", "trainer.enable_checkpointing", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.enable_checkpointing", "trainer.enable_model_summary", "print_json",
 )
 ABSENT = "<absent>"
 SHOWN = 8  # differences named in full; the rest are counted
