@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import quiet_console, run_reporting_errors
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "onnx_nbits": ".onnx",
@@ -40,12 +41,8 @@ def check_settings(cfg: DictConfig) -> None:
         check_runtime(cfg.runtime.block_size, cfg.runtime.accuracy_level)
     if cfg.format == "gguf" and cfg.get("layout") not in ("diffusers", "original"):
         raise ValueError(f"layout={cfg.get('layout')!r} is not offered for format=gguf; allowed: diffusers, original")
-    if isinstance(cfg.example.batch_size, bool) or not isinstance(cfg.example.batch_size, int) \
-            or cfg.example.batch_size < 1:
-        raise ValueError(f"example.batch_size must be a positive integer; got {cfg.example.batch_size!r}")
-    tolerance = cfg.tolerance.get(cfg.format)
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"tolerance.{cfg.format} must be a positive number; got {tolerance!r}")
+    positive_int("example.batch_size", cfg.example.batch_size)
+    positive_number(f"tolerance.{cfg.format}", cfg.tolerance.get(cfg.format))
 
 
 def checkpoint_file(ckpt) -> Path:
