@@ -176,3 +176,14 @@ def test_the_step_extrapolated_from_shallow_twins_is_the_whole_models_trace(over
     for exact in ("student_params", "trainable_params", "teacher_bytes", "student_bytes", "optimizer_bytes",
                   "flops", "student_state_bytes", "largest_block_bytes", "outside_blocks_bytes"):
         assert getattr(derived, exact) == getattr(whole, exact), exact
+
+
+@pytest.mark.slow
+def test_the_one_gpu_flux_recipe_fits_one_80gb_gpu_with_a_margin():
+    """experiment=flux_schnell_w4a8_1gpu: LoRA with its base in bf16, 8-bit AdamW, gradient checkpointing."""
+    cfg = plan_config("experiment=flux_schnell_w4a8_1gpu")
+    trace = trace_by_depth(cfg, cfg.data.batch_size, accumulating=True)
+    usable = 80e9 * cfg.plan.usable_fraction
+    assert per_device(trace, Layout("single", 1, True))["peak"] < 0.9 * usable  # a margin of 10% of the usable
+    assert trace.trainable_params < 0.01 * trace.student_params
+    assert trace.student_bytes < 0.55 * 4 * trace.student_params  # the base in 2 bytes a parameter, not 4
