@@ -12,6 +12,9 @@ Saving: full's peak minus the option's, planned against measured.
 
     python benchmarks/plan_accuracy.py                              # CPU: the toy and a larger tiny Sana
     python benchmarks/plan_accuracy.py --device cuda --model pixart_sigma --resolution 512 --batch-size 2
+    python benchmarks/plan_accuracy.py --model flux_schnell --options lora-base --resolution 256 \
+        --override model.architecture.num_layers=1 model.architecture.num_single_layers=1 \
+        model.max_sequence_length=64 --batch-size 1    # one real-width FLUX block of each kind: bf16 LoRA base
     python benchmarks/plan_accuracy.py --model pixart_sigma --resolution 512 --save-row row.safetensors  # then,
     python benchmarks/plan_accuracy.py --device cuda --model pixart_sigma --resolution 512 --row row.safetensors
                                        # where transformers (the stand-in text encoders) is not installed
@@ -49,6 +52,11 @@ LARGER_TINY_SANA = ["model=tiny_sana", "model.components.transformer.num_attenti
                     "model.components.transformer.attention_head_dim=64", "model.components.transformer.num_layers=4",
                     "model.components.transformer.cross_attention_dim=256", "model.resolution=64"]
 CPU_MODELS = {"toy": ["model=toy"], "larger tiny_sana": LARGER_TINY_SANA}
+# The 1-GPU FLUX recipe's memory options: LoRA with 8-bit AdamW, its frozen base a float32 copy or the teacher's
+# 16-bit values (trainable.lora.base_dtype); the first option of a set is the one the others' savings are against.
+LORA_BASE = {f"LoRA r16 + 8-bit, {name} base": ["optim=adamw8bit", "trainable=lora", f"trainable.lora.base_dtype={key}"]
+             for name, key in (("float32", "float32"), ("bf16", "teacher"))}
+OPTION_SETS = {"memory": OPTIONS, "lora-base": LORA_BASE}
 
 
 def config(overrides: list[str]):
@@ -97,11 +105,11 @@ def measured_peak(cfg, batch_size: int, device: str, row: dict) -> int:
     return max(sum(categories) for categories in sizes)
 
 
-def run(models: dict, device: str, batch_size: int, row_file: str | None) -> list[dict]:
+def run(models: dict, device: str, batch_size: int, row_file: str | None, options: dict = OPTIONS) -> list[dict]:
     rows = []
     for name, base in models.items():
         row = load_file(row_file) if row_file else example_row(config(base).model)
-        for option, extra in OPTIONS.items():
+        for option, extra in options.items():
             cfg = config([*base, *extra])
             start = time.perf_counter()
             try:
@@ -122,7 +130,9 @@ def print_table(rows: list[dict]) -> None:
     print("| model | option | planned peak | measured peak | planned / measured | planned saving | measured saving "
           "| saving ratio | plan time |")
     print("|---|---|---|---|---|---|---|---|---|")
-    full = {r["model"]: r for r in rows if r["option"] == "full AdamW"}
+    full = {}
+    for r in rows:  # each model's first option: the one the savings are against
+        full.setdefault(r["model"], r)
     for r in rows:
         base = full[r["model"]]
         saving_p, saving_m = base["planned"] - r["planned"], base["measured"] - r["measured"]
@@ -142,6 +152,10 @@ def main(argv=None) -> None:
                         "and latents, from the stand-in text encoders and VAE) to this safetensors file and stop")
     parser.add_argument("--row", default=None, help="read the example row from a --save-row file (a machine "
                         "without transformers)")
+    parser.add_argument("--options", default="memory", choices=sorted(OPTION_SETS),
+                        help="memory: full AdamW, 8-bit AdamW, LoRA; lora-base: LoRA + 8-bit, a float32 or bf16 base")
+    parser.add_argument("--override", nargs="*", default=[], help="more config overrides for --model (e.g. fewer "
+                        "blocks of the real width: model.architecture.num_layers=1)")
     parser.add_argument("--precision", default=None, help="trainer.precision (default: 32-true on CPU, "
                                                           "bf16-mixed on CUDA)")
     args = parser.parse_args(argv)
@@ -151,7 +165,7 @@ def main(argv=None) -> None:
     common = [f"trainer.precision={precision}", "logger=none", "selection=all_linear"]
     if args.resolution:
         common.append(f"model.resolution={args.resolution}")
-    models = {args.model: [f"model={args.model}"]} if args.model else CPU_MODELS
+    models = {args.model: [f"model={args.model}", *args.override]} if args.model else CPU_MODELS
     models = {name: [*overrides, *common] for name, overrides in models.items()}
     if args.save_row:
         if not args.model:
@@ -161,7 +175,7 @@ def main(argv=None) -> None:
         return
     print(f"device {args.device}, batch {args.batch_size}, {precision}, every linear layer quantized, "
           f"per-tensor W4A8 fake quantization")
-    print_table(run(models, args.device, args.batch_size, row_file=args.row))
+    print_table(run(models, args.device, args.batch_size, row_file=args.row, options=OPTION_SETS[args.options]))
 
 
 if __name__ == "__main__":

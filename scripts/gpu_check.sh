@@ -3,7 +3,10 @@
 #   1. every tiny family with trainer=gpu (bf16-mixed): train (sample grid, checkpoints), evaluate, export;
 #   2. a real-size PixArt-Sigma XL-2 (0.61 B parameters: the real architecture from conf/model, random weights;
 #      text encoder and VAE shrunk but of the real widths) at 512 px: 20 steps with sample grids and
-#      checkpoints, killed with SIGKILL mid-run and resumed, evaluated on 8 prompts, exported (safetensors, ONNX).
+#      checkpoints, killed with SIGKILL mid-run and resumed, evaluated on 8 prompts, exported (safetensors, ONNX);
+#   3. the 1-GPU FLUX recipe (experiment=flux_schnell_w4a8_1gpu: LoRA + 8-bit AdamW) at one real-width FLUX block
+#      of each kind: fraqat-plan's traced peak against the measured one, with the LoRA base float32 and bf16
+#      (benchmarks/plan_accuracy.py --options lora-base; torch.cuda.max_memory_allocated on the GPU).
 # It prints, per stage, the wall time and the peak GPU memory (nvidia-smi, every 200 ms), and the training
 # step time and peak allocated memory that fraqat-train writes to metrics.json; everything lands in OUT.
 #
@@ -12,7 +15,7 @@
 #                                               # rehearse the script itself without a GPU (1 block, 256 px)
 # Further knobs: GPU_CHECK_EVAL=0 skips the fraqat-eval stages (a machine without the FID Inception's package),
 # GPU_CHECK_REAL_ONNX=0 the real-size ONNX export, GPU_CHECK_REAL=0 the whole real-size part (2.),
-# GPU_CHECK_TINY="tiny_sana tiny_flux" picks the tiny families;
+# GPU_CHECK_TINY="tiny_sana tiny_flux" picks the tiny families (GPU_CHECK_TINY= none), GPU_CHECK_FLUX_BLOCK=0 skips 3.;
 # GPU_CHECK_REAL_OVERRIDES="callbacks.memory_check=null" adds overrides to the real-size runs;
 # FRAQAT_BIN is the folder of the console scripts and python (default .venv/bin).
 set -euo pipefail
@@ -22,7 +25,7 @@ mkdir -p "$OUT"
 BIN=${FRAQAT_BIN:-.venv/bin}
 EVAL=${GPU_CHECK_EVAL:-1}
 REAL_ONNX=${GPU_CHECK_REAL_ONNX:-1}
-TINY=${GPU_CHECK_TINY:-tiny_sana tiny_pixart tiny_sd3 tiny_flux}
+TINY=${GPU_CHECK_TINY-tiny_sana tiny_pixart tiny_sd3 tiny_flux}
 ACCELERATOR=${GPU_CHECK_ACCELERATOR:-gpu}
 LAYERS=${GPU_CHECK_LAYERS:-}                 # empty: every block of the real model
 RESOLUTION=${GPU_CHECK_RESOLUTION:-512}
@@ -69,6 +72,15 @@ for model in $TINY; do
   stage "export-$model" "$BIN/fraqat-export" ckpt="$run" format=safetensors
   stage "export-onnx-$model" "$BIN/fraqat-export" ckpt="$run" format=onnx
 done
+
+if [ "${GPU_CHECK_FLUX_BLOCK:-1}" = 1 ]; then
+  echo "== 3. the 1-GPU FLUX recipe's memory at one real-width block of each kind, $RESOLUTION px: planned/measured"
+  FLUX=(--override model.architecture.num_layers=1 model.architecture.num_single_layers=1)
+  if [ "$ACCELERATOR" = gpu ]; then FLUX+=(--device cuda); else FLUX+=(model.max_sequence_length=64 --device cpu); fi
+  stage flux-block-plan "$BIN/python" benchmarks/plan_accuracy.py --model flux_schnell --options lora-base \
+    --resolution "$RESOLUTION" --batch-size 1 "${FLUX[@]}"
+  grep "^|" "$OUT/flux-block-plan.log"
+fi
 
 if [ "${GPU_CHECK_REAL:-1}" != 1 ]; then
   echo "gpu_check: the tiny stages passed (real-size part skipped: GPU_CHECK_REAL=0); logs and runs in $OUT"; exit 0

@@ -4,6 +4,7 @@ deployed codes are its fake-quantized merged weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -225,6 +226,40 @@ def test_a_lora_checkpoint_rebuilds_to_the_student_it_trained(tiny_sana_transfor
             assert torch.equal(rebuilt(**tiny_sana_batch).sample, output)
 
 
+def test_a_16bit_base_trains_and_rebuilds_as_the_float32_copy_of_it(tiny_sana_transformer, tiny_sana_batch,
+                                                                     tmp_path):
+    """`trainable.lora.base_dtype: teacher`: a bf16 teacher's student keeps its frozen base in bf16 (half the
+    bytes) and computes, trains and rebuilds exactly as the float32 copy of the same bf16 values does."""
+    teacher = copy.deepcopy(tiny_sana_transformer).to(torch.bfloat16)
+    students = {}
+    for dtype in (None, torch.bfloat16):
+        student, _ = build_student(teacher, QUANTIZER, None, start_bits=4)
+        torch.manual_seed(1)  # the same A for both
+        add_lora(student, 4, 8.0, base_dtype=dtype)
+        freeze_all_but(student, LORA_PATTERNS)
+        students[dtype] = student
+    wide, narrow = students[None], students[torch.bfloat16]
+    bases = [n for n, _ in narrow.named_parameters() if n.endswith(".parametrizations.weight.original")]
+    assert bases and all(narrow.get_parameter(n).dtype == torch.bfloat16 for n in bases)
+    assert all(wide.get_parameter(n).dtype == torch.float32 for n in bases)
+    saved = sum(wide.get_parameter(n).nbytes - narrow.get_parameter(n).nbytes for n in bases)
+    assert saved == sum(narrow.get_parameter(n).nbytes for n in bases)  # half of the float32 base
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in tiny_sana_batch.items()}
+    for student in (wide, narrow):
+        torch.manual_seed(2)
+        train_lora(student, batch)
+    trained = dict(narrow.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in wide.named_parameters() if p.requires_grad)
+    assert quantized_weights(narrow).keys() == quantized_weights(wide).keys()
+    assert all(torch.equal(a, b) for a, b in zip(quantized_weights(narrow).values(), quantized_weights(wide).values()))
+    config = {"quantizer": OmegaConf.to_container(QUANTIZER), "selection": None, "trainable": {"lora": {}}}
+    path = StudentCheckpoint.of_student(narrow, config, step=3).write(tmp_path / "step-000003.ckpt")
+    with torch.no_grad():
+        output = wide.eval()(**batch).sample
+        rebuilt = rebuild_student(StudentCheckpoint.read(path), teacher)
+        assert torch.equal(rebuilt(**batch).sample, output)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"rank": 0, "alpha": 1}, "trainable.lora.rank must be a positive integer; got 0"),
     ({"rank": 4, "alpha": -1}, "trainable.lora.alpha must be a positive number; got -1"),
@@ -297,7 +332,8 @@ def test_8bit_moments_under_fsdp_are_refused_before_a_model_is_built():
 @pytest.mark.parametrize(("override", "message"), [
     ("trainable.lora.rank=0", "trainable.lora.rank must be a positive integer; got 0"),
     ("trainable.lora.alpha=0", "trainable.lora.alpha must be a positive number; got 0"),
-], ids=["rank", "alpha"])
+    ("trainable.lora.base_dtype=fp8", "trainable.lora.base_dtype='fp8' is not allowed; allowed: teacher, float32"),
+], ids=["rank", "alpha", "base_dtype"])
 def test_bad_lora_numbers_are_refused_before_a_model_is_built(override, message):
     from fraqat_cli.train.command import check_numbers
 

@@ -13,6 +13,7 @@ from train_support import console
 
 from fraqat_cli.models.architecture import build_transformer, count_parameters
 from fraqat_cli.plan.command import Layout, per_device
+from fraqat_cli.plan.depth import block_counts, trace_by_depth
 from fraqat_cli.plan.trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
 from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.student.build import build_student
@@ -176,3 +177,38 @@ def test_learned_scales_are_counted_as_trained_parameters_with_their_optimizer_s
     assert learned.trainable_params - plain.trainable_params == scales
     # AdamW: two float32 moments per scale, and a step count per scale tensor
     assert learned.optimizer_bytes - plain.optimizer_bytes == 8 * scales + 4 * len(layers)
+
+
+@pytest.mark.parametrize("preset, counts", [("pixart_sigma", {"num_layers": 28}),
+                                            ("flux_schnell", {"num_layers": 19, "num_single_layers": 38}),
+                                            ("sd35_medium", None),  # dual-attention blocks differ by index
+                                            ("tiny_pixart", None)])  # no architecture: traced whole, it is small
+def test_the_models_whose_blocks_repeat_are_traced_on_shallow_twins(preset, counts):
+    assert block_counts(plan_config(f"model={preset}").model) == counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [(), ("trainable=lora", "gradient_checkpointing=true")])
+def test_the_step_extrapolated_from_shallow_twins_is_the_whole_models_trace(overrides):
+    """The real-size PixArt-Sigma XL-2 (28 blocks, on fake tensors): what two shallow traces derive against one
+    trace of the whole depth. Planned peaks stay within 5% of the whole trace; counts and FLOPs add up exactly."""
+    cfg = plan_config("model=pixart_sigma", "data.batch_size=2", *overrides)
+    row = example_row(cfg.model)
+    derived = trace_by_depth(cfg, 2, accumulating=False, row=row)
+    whole = trace_step(cfg, 2, accumulating=False, row=row)
+    assert derived.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.05)
+    assert derived.activation_bytes == pytest.approx(whole.activation_bytes, rel=0.05)
+    for exact in ("student_params", "trainable_params", "teacher_bytes", "student_bytes", "optimizer_bytes",
+                  "flops", "student_state_bytes", "largest_block_bytes", "outside_blocks_bytes"):
+        assert getattr(derived, exact) == getattr(whole, exact), exact
+
+
+@pytest.mark.slow
+def test_the_one_gpu_flux_recipe_fits_one_80gb_gpu_with_a_margin():
+    """experiment=flux_schnell_w4a8_1gpu: LoRA with its base in bf16, 8-bit AdamW, gradient checkpointing."""
+    cfg = plan_config("experiment=flux_schnell_w4a8_1gpu")
+    trace = trace_by_depth(cfg, cfg.data.batch_size, accumulating=True)
+    usable = 80e9 * cfg.plan.usable_fraction
+    assert per_device(trace, Layout("single", 1, True))["peak"] < 0.9 * usable  # a margin of 10% of the usable
+    assert trace.trainable_params < 0.01 * trace.student_params
+    assert trace.student_bytes < 0.55 * 4 * trace.student_params  # the base in 2 bytes a parameter, not 4

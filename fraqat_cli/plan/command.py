@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
 from fraqat_cli.files import atomic_write
-from fraqat_cli.plan.trace import StepTrace, trace_step
+from fraqat_cli.plan.depth import trace_by_depth
+from fraqat_cli.plan.trace import StepTrace, example_row
 
 PLAN_FILE = "plan.json"
 GB = 1e9
@@ -117,12 +118,13 @@ def _gpu(cfg: DictConfig) -> tuple[str, float, float]:
     return plan.gpu, entry.tflops * 1e12, memory * GB
 
 
-def trace_run(cfg: DictConfig, layout: Layout, samples: int) -> tuple[StepTrace, object]:
-    """The step `cfg` trains: its per-device batch, with gradients present when it accumulates."""
+def trace_run(cfg: DictConfig, layout: Layout, samples: int, row: dict) -> tuple[StepTrace, object]:
+    """The step `cfg` trains: its per-device batch, with gradients present when it accumulates (`row`: one
+    training row, `example_row`; traced on shallow twins of a real model, `fraqat_cli.plan.depth`)."""
     from fraqat_cli.train.run_length import run_length
 
     length = run_length(cfg, layout.devices, samples)
-    return trace_step(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1), length
+    return trace_by_depth(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1, row=row), length
 
 
 def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -135,10 +137,11 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     gpu, peak_flops, memory = _gpu(cfg)
     budget = memory * cfg.plan.usable_fraction
     layout, samples = layout_of(cfg), training_samples(cfg)
-    trace, length = trace_run(cfg, layout, samples)
+    row = example_row(cfg.model)  # the same row for every trace below: the options leave the model as it is
+    trace, length = trace_run(cfg, layout, samples, row)
     spread = per_device(trace, layout)
     other = compose_with(cfg, overrides, [f"gradient_checkpointing={not cfg.gradient_checkpointing}"])
-    other_trace, _ = trace_run(other, layout, samples)
+    other_trace, _ = trace_run(other, layout, samples, row)
     activations = {bool(cfg.gradient_checkpointing): trace.activation_bytes,
                    not cfg.gradient_checkpointing: other_trace.activation_bytes}
     epochs = cfg.plan.epochs if cfg.plan.epochs is not None else length.epochs
@@ -183,7 +186,7 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         "suggestions": [],
     }
     if not plan["fits"] and cfg.plan.suggest:
-        plan["suggestions"] = suggestions(cfg, overrides, layout, samples, budget, trace, other_trace)
+        plan["suggestions"] = suggestions(cfg, overrides, layout, samples, budget, trace, other_trace, row)
     return plan
 
 
@@ -208,7 +211,8 @@ def _option_exists(group: str, option: str) -> bool:
     return (resources.files("fraqat_cli.conf") / group / f"{option}.yaml").is_file()
 
 
-def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, trace, other_trace) -> list[dict]:
+def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, trace, other_trace,
+                row: dict) -> list[dict]:
     """Each option that changes what a device holds, with its new peak (traced, or from the same trace when
     only the layout changes); then, when none fits alone, the options combined in order until they fit."""
     options = []
@@ -230,7 +234,7 @@ def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, tra
         changed_layout = Layout("fsdp", layout.devices, layout.gpu) if "trainer=fsdp" in extra else layout
         if "trainer=fsdp" in extra:
             changed.trainer.devices, changed.trainer.accelerator = layout.devices, cfg.trainer.accelerator
-        return per_device(trace_run(changed, changed_layout, samples)[0], changed_layout)["peak"]
+        return per_device(trace_run(changed, changed_layout, samples, row)[0], changed_layout)["peak"]
 
     found = []
     for extra, known in options:

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from fraqat_cli.cli import warn
 from fraqat_cli.plan.command import _size, layout_of, per_device, trace_run, training_samples
+from fraqat_cli.plan.trace import example_row
 
 
 class MemoryCheck(L.Callback):
@@ -23,7 +24,7 @@ class MemoryCheck(L.Callback):
             return
         try:
             layout, samples = layout_of(cfg), training_samples(cfg)
-            trace, _ = trace_run(cfg, layout, samples)
+            trace, _ = trace_run(cfg, layout, samples, example_row(cfg.model))
             peak, memory = per_device(trace, layout)["peak"], torch.cuda.get_device_properties(0).total_memory
         except Exception as error:  # the plan is advice: a config it cannot trace still trains
             warn(f"could not plan this run's memory ({type(error).__name__}: {error})")

@@ -70,7 +70,8 @@ def prepare_data(cfg: DictConfig, source) -> TrainingData:
 def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
     teacher = data.model.transformer
     student, summary = build_student(teacher, cfg.quantizer, cfg.selection, schedule(0, cfg.trainer.max_steps))
-    if (lora := lora_from_config(student, cfg.trainable)) is not None:  # trainable=lora: low-rank QAT
+    teacher_dtype = next(teacher.parameters()).dtype  # LoRA's frozen base may stay in it
+    if (lora := lora_from_config(student, cfg.trainable, teacher_dtype)) is not None:  # trainable=lora: low-rank QAT
         print(lora)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
