@@ -7,20 +7,22 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
+from fraqat_cli.entry import refuse_missing
 from fraqat_cli.errors import ExpectedFailure
+from fraqat_cli.files import DiskWriteError, check_writable
 
 EXIT_BAD_INPUT = 2
 
 
 def instantiate_or_raise(config, **kwargs):
     """`hydra.utils.instantiate`, re-raising a bad value or a missing file as itself, not wrapped."""
-    from hydra.utils import instantiate
-
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:
@@ -59,10 +61,6 @@ class WritableRunFolder(Callback):
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
     def _check(self, folder: str, key: str) -> None:
-        from pathlib import Path
-
-        from fraqat_cli.files import DiskWriteError, check_writable
-
         try:
             check_writable(Path(folder), f"choose another {key}")
         except DiskWriteError as error:
@@ -78,8 +76,6 @@ class RequiredKeys(Callback):
         self.program = program
 
     def on_run_start(self, config, **kwargs) -> None:
-        from fraqat_cli.entry import refuse_missing
-
         refuse_missing(self.program, config)
 
     def on_multirun_start(self, config, **kwargs) -> None:
@@ -89,7 +85,7 @@ class RequiredKeys(Callback):
 def wandb_logger(**kwargs):
     """Lightning's `WandbLogger` (`conf/logger/wandb.yaml`), without the `anonymous=None` it always passes to
     `wandb.init`: current wandb warns at every run that the setting has no effect."""
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # only when a wandb logger is configured (never in export)
 
     logger = WandbLogger(**kwargs)
     if logger._wandb_init.get("anonymous") is None:  # Lightning's own init arguments: the one place to drop it
@@ -127,8 +123,10 @@ def quiet_console() -> None:
     # diffusers releases before `dtype=` (fraqat_cli.models.dtype_keyword passes it where it is taken) warn of
     # torch_dtype in their own loaders' internals
     warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
+    # imported here, not at the top: Hydra builds this module's callbacks (a missing key refused) before the
+    # command's heavy imports, and a refusal should not wait for diffusers
     import diffusers
-    import transformers
+    import transformers  # as diffusers above
 
     diffusers.utils.logging.set_verbosity_error()  # dtype-cast notices about tiny twins' float32 parts
     diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars

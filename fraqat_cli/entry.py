@@ -54,7 +54,7 @@ def run(command: Command, argv: list[str] | None = None):
     if any(flag in argv for flag in HELP_FLAGS) and "--hydra-help" not in argv:
         print(help_text(command))
         return None
-    import hydra
+    import hydra  # past the help path: --help never waits for Hydra
 
     main = hydra.main(config_path="pkg://fraqat_cli.conf", config_name=command.config, version_base="1.3")
     return main(_task(command))()
@@ -82,7 +82,7 @@ def refuse_missing(program: str, cfg) -> None:
 
 def _missing_keys(node, prefix: str = ""):
     """Keys left at `???`, found without resolving any interpolation (`${hydra:...}` cannot resolve yet)."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf  # only once Hydra runs (the help path never needs it)
 
     for key, value in node.items_ex(resolve=False):
         if key == "hydra" and not prefix:  # Hydra's own settings: not the command's keys
@@ -140,6 +140,6 @@ def _defaults(name: str) -> list:
 
 
 def _read_config(name: str) -> dict:
-    import yaml
+    import yaml  # only --help reads the config files this way
 
     return yaml.safe_load(resources.files("fraqat_cli.conf").joinpath(f"{name}.yaml").read_text()) or {}

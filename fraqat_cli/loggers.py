@@ -8,9 +8,13 @@ its run `${logger_run_name}`.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from fraqat_cli.errors import ExpectedFailure
@@ -33,8 +37,6 @@ def make_logger(cfg: DictConfig, save_dir: Path):
     the user named it (`logger_run_name=...`); False for `logger=none`."""
     if not cfg.logger:
         return False
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     overrides = _job_overrides()
     if not any(o.lstrip("+~").startswith(NAME_KEY + "=") for o in overrides):
@@ -52,7 +54,6 @@ def make_logger(cfg: DictConfig, save_dir: Path):
 
 def _job_overrides() -> list[str]:
     """The job's command-line overrides (none outside a Hydra run)."""
-    from hydra.core.hydra_config import HydraConfig
 
     try:
         return list(HydraConfig.get().overrides.task)
@@ -63,8 +64,8 @@ def _job_overrides() -> list[str]:
 def mlflow_logger(save_dir: str, tracking_uri: str | None = None, **kwargs):
     """Lightning's `MLFlowLogger` (`conf/logger/mlflow.yaml`); with no `tracking_uri`, a SQLite store in the run
     folder (`<save_dir>/mlflow.db`): MLflow 3 refuses the plain-folder store Lightning would otherwise pick."""
-    import logging
 
+    # only when a logger is configured: eval and export never need Lightning
     from lightning.pytorch.loggers import MLFlowLogger
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."

@@ -17,6 +17,7 @@ from collections import defaultdict
 from importlib import resources
 
 import yaml
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 TARGET = "_target_"
@@ -71,7 +72,6 @@ def known_transformer_classes() -> frozenset[str]:
     """The diffusers transformer classes the model configs name, as they name them (`diffusers.
     FluxTransformer2DModel`) and by their defining module (what an export records). Resolving them imports
     only diffusers classes of our own conf/, never a name from a file."""
-    from hydra.utils import get_class
 
     named = known_names()["transformer_class"]
     defined = {f"{cls.__module__}.{cls.__qualname__}" for cls in map(get_class, named)}

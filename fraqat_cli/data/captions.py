@@ -13,6 +13,8 @@ import itertools
 import random
 from pathlib import Path
 
+from fraqat_cli.cli import warn
+
 SIZES = ("small", "large")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star")
@@ -64,8 +66,6 @@ def _prompt_lines(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
     if not prompts:
         raise ValueError(f"prompt file {path!r} holds no prompt; write one prompt per line")
     if len(prompts) < len(lines):
-        from fraqat_cli.cli import warn
-
         warn(f"prompt file {path!r}: {len(lines) - len(prompts)} blank line(s) skipped, {len(prompts)} prompts read")
     return prompts
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from fraqat_cli.cache import ShardedStore, sharded_tensors
 from fraqat_cli.checks import positive_int
+from fraqat_cli.cli import warn
 from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import DENOISER_PARTS, family_of, load_pipeline, model_identity
 
@@ -90,7 +91,6 @@ def warn_long_prompts(pipe, prompts: list[str], max_sequence_length: int) -> int
     """Say how many prompts are longer than a text encoder takes (the pipelines truncate them, and say so only
     in a log the console silences): each tokenizer's limit is `max_sequence_length` or its own, if lower;
     the CLIP encoders of SD3 and FLUX take their own 77 whatever `max_sequence_length` is. Returns that count."""
-    from fraqat_cli.cli import warn
 
     too_long, limits = set(), []
     for name, tokenizer in pipe.components.items():

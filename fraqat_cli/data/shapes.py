@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fraqat_cli.cache import cached_tensors
 from fraqat_cli.data.captions import COLOURS, PLACES, SHAPES, SIZES, caption
 
 RESOLUTION = 32
@@ -182,7 +183,6 @@ def shapes_dataset(split: str, count: int, seed: int = 0, cache_dir: str | None 
     draw = lambda: {"images": torch.from_numpy(np.stack([render(scene) for scene in scenes]))}
     if cache_dir is None:
         return draw()["images"].numpy(), captions
-    from fraqat_cli.cache import cached_tensors
 
     parts = {"split": split, "count": count, "seed": seed, "two_shape_share": two_shape_share, "version": VERSION}
     return cached_tensors(cache_dir, "shapes", parts, draw)["images"].numpy(), captions

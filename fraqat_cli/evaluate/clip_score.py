@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+import torchvision.transforms as T
+from PIL import Image
 from torch import nn
+from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 
@@ -43,7 +47,6 @@ def load_clip(name_or_path: str) -> tuple[PooledCLIP, CLIPProcessor] | tuple[Non
 def clip_score(model: PooledCLIP, processor: CLIPProcessor, images: list, prompts: list[str],
                batch_size: int = 16) -> float:
     """Mean torchmetrics CLIPScore (100 x cosine, floored at 0) over image-prompt pairs."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
 
     metric = CLIPScore(model_name_or_path=lambda: (model, processor))
     for start in range(0, len(images), batch_size):
@@ -66,9 +69,6 @@ class CLIPImageFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1), persistent=False)
 
     def resize(self, image):  # clean-fid's `custom_fn_resize`: an (H, W, 3) uint8 array in, the same out
-        import numpy as np
-        import torchvision.transforms as T
-        from PIL import Image
 
         crop = T.Compose([T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.size)])
         return np.asarray(crop(Image.fromarray(image.astype(np.uint8)).convert("RGB"))).astype(np.uint8)
@@ -80,6 +80,4 @@ class CLIPImageFeatures(nn.Module):
 
 
 def _as_array(image):
-    import numpy as np
-
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy

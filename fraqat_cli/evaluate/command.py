@@ -16,12 +16,20 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from filelock import FileLock
 from omegaconf import DictConfig
+from PIL import Image
 
 from fraqat_cli.checks import positive_int
 from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning, run_reporting_errors
+from fraqat_cli.evaluate.clip_score import load_clip
+from fraqat_cli.evaluate.comparison import comparison_table, write_comparison
+from fraqat_cli.evaluate.evaluator import Evaluator
+from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.targets import resolve_targets
 from fraqat_cli.files import atomic_write
+from fraqat_cli.loggers import finish_run, make_logger
 
 CSV_COLUMNS = (
     "label",
@@ -64,14 +72,6 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
-    import torch
-
-    from fraqat_cli.evaluate.clip_score import load_clip
-    from fraqat_cli.evaluate.comparison import comparison_table, write_comparison
-    from fraqat_cli.evaluate.evaluator import Evaluator
-    from fraqat_cli.evaluate.fid_features import fid_feature_extractor
-    from fraqat_cli.evaluate.targets import resolve_targets
-
     # 1. Everything named must exist and agree before any generation starts.
     check_settings(cfg)
     targets = resolve_targets(cfg.ckpt, cfg.get("model"))
@@ -144,10 +144,6 @@ def log_results(cfg: DictConfig, results: list[dict]) -> None:
     """Metrics and grids to the configured logger (wandb: offline unless WANDB_MODE says otherwise, `quiet_console`)."""
     if not cfg.logger:
         return
-
-    from PIL import Image
-
-    from fraqat_cli.loggers import finish_run, make_logger
 
     quiet_lightning()  # the loggers are Lightning's: imported only when one is configured
     logger = make_logger(cfg, Path(str(cfg.out_dir)))

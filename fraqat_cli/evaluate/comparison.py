@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from fraqat_cli.evaluate.intervals import CONFIDENCE
 from fraqat_cli.evaluate.intervals import t_interval as paired_interval
 from fraqat_cli.evaluate.metrics import ADVISED_FID_IMAGES
@@ -85,10 +88,8 @@ def bar_chart(results: list[dict], path: Path) -> None:
     """FID per trained configuration as a bar chart PNG (and, when the prompts have ground truth, FID against
     the validation scenes beside it): one bar per configuration, its value on top; with several training seeds
     the bar is their mean, with a Student-t interval and each seed as a dot."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     groups = sorted(seed_groups(results).items(), key=lambda item: item[0][1] != "teacher")  # the teacher first
     measures = [("fid", f"FID vs {results[0]['reference']}")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,19 @@ from PIL import Image
 from fraqat_cli.cache import cache_key
 from fraqat_cli.cli import warn
 from fraqat_cli.data.conditioning import prompt_conditioning
+from fraqat_cli.evaluate.clip_score import CLIPImageFeatures, clip_score
 from fraqat_cli.evaluate.content import content_digest
 from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
-from fraqat_cli.evaluate.metrics import fid_from_features, files_features, kid_from_features, stability_warning
+from fraqat_cli.evaluate.metrics import (
+    fid_from_features,
+    files_features,
+    kid_from_features,
+    load_reference_stats,
+    stability_warning,
+)
 from fraqat_cli.evaluate.pair_grid import pair_grid
 from fraqat_cli.evaluate.targets import EvalTarget
+from fraqat_cli.export.exported_denoiser import load_deployed
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.generation import generate
@@ -77,8 +86,6 @@ def load_student(target: EvalTarget, teacher: torch.nn.Module, device: torch.dev
     first = next(teacher.parameters())
     device = device or (first.device if not first.is_meta else "cpu")
     if target.artifact is not None:
-        from fraqat_cli.export.exported_denoiser import load_deployed
-
         return load_deployed(target.artifact, teacher, first.dtype, device)
     stored = StudentCheckpoint.read(target.checkpoint, model=target.config.model)  # the model config it was read with
     return rebuild_student(stored, teacher, dtype=first.dtype, device=device, bake=True)
@@ -103,8 +110,6 @@ class Evaluator:
         self.warnings: list[str] = []
         self.clip_features = None  # CLIP-FID's extractor: the CLIP weights of clip.model, when given
         if clip is not None:
-            from fraqat_cli.evaluate.clip_score import CLIPImageFeatures
-
             self.clip_features = CLIPImageFeatures(*clip).to(device)
 
     def features(self, folder: Path, files: list[Path], clip: bool = False, what: str = "images") -> np.ndarray:
@@ -202,8 +207,6 @@ class Evaluator:
                           "fid": self.extractor_name, "clip": cfg.clip.model})
 
     def metrics(self, files, teacher_dir, teacher_files, images, what: str = "images") -> dict:
-        from fraqat_cli.evaluate.metrics import load_reference_stats
-
         cfg, results = self.cfg, {}
         features = self.features(files[0].parent, files, what=f"{what} images")
         if cfg.reference == "teacher" and files == teacher_files:
@@ -231,8 +234,6 @@ class Evaluator:
         if warning is not None and warning not in self.warnings:
             self.warnings.append(warning)
         if self.clip is not None:
-            from fraqat_cli.evaluate.clip_score import clip_score
-
             results["clip_score"] = clip_score(*self.clip, images, self.prompts, cfg.batch_size)
             results.update(self.clip_fid(files, teacher_dir, teacher_files, what))
         if self.scenes is not None:
@@ -288,8 +289,6 @@ def cached_features(path: Path, rows: int) -> np.ndarray | None:
 
 
 def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for name in ("fraqat-cli", "torch", "diffusers", "transformers", "clean-fid", "torchmetrics"):
         try:

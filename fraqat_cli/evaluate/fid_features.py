@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from cleanfid import fid
 from torch import nn
 
 
@@ -43,8 +44,6 @@ def fid_feature_extractor(device: torch.device, source: str = "auto") -> tuple[o
         raise ValueError(f"fid.inception={source!r} is not known; allowed: auto, clean-fid, shipped")
     if source in ("auto", "clean-fid") and not os.environ.get("HF_HUB_OFFLINE"):
         try:
-            from cleanfid import fid
-
             return fid.build_feature_extractor("clean", device=device, use_dataparallel=False), "clean-fid inception"
         except Exception as error:  # no network: fall back to the shipped copy
             if source == "clean-fid":

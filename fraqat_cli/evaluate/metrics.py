@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cleanfid import fid
 
 from fraqat_cli.files import atomic_write
 from fraqat_cli.progress import Progress
@@ -25,7 +26,6 @@ def folder_features(folder: str | Path, extractor, device: torch.device, batch_s
                     verbose: bool = False) -> np.ndarray:
     """(N, D) features of every image in `folder`, through clean-fid's "clean" pipeline (the extractor's own
     `resize`, when it has one, in place of clean-fid's 299 x 299: CLIP's)."""
-    from cleanfid import fid
 
     return fid.get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size, device=device,
                                    mode="clean", verbose=verbose, custom_fn_resize=getattr(extractor, "resize", None))
@@ -36,7 +36,6 @@ def files_features(files: list[Path], extractor, device: torch.device, batch_siz
     """(N, D) features of exactly `files`, in order, through the same clean-fid pipeline as `folder_features`:
     a folder that also holds other files (cached features beside the images) counts only these. Computed a
     batch at a time (each image's features are its own), so `label` names a progress line (`Progress`)."""
-    from cleanfid import fid
 
     chunks = []
     with Progress(label or "features", len(files), unit="images", enabled=label is not None) as progress:
@@ -62,7 +61,6 @@ def fid_from_features(features: np.ndarray, reference: np.ndarray | tuple) -> fl
     sigma1 sigma2 are those of (A1 A2^T)(A1 A2^T)^T. That agrees with clean-fid's sqrtm to ~1e-6
     (relative) and takes milliseconds instead of its ~20 s single-threaded 2048 x 2048 square root.
     """
-    from cleanfid import fid
 
     if not isinstance(reference, tuple) and max(len(features), len(reference)) <= features.shape[1]:
         return _low_rank_fid(features, reference)
@@ -83,7 +81,6 @@ def _low_rank_fid(features: np.ndarray, reference: np.ndarray) -> float:
 
 def kid_from_features(features: np.ndarray, reference: np.ndarray) -> float:
     """KID (unbiased MMD with a cubic kernel), clean-fid's estimator."""
-    from cleanfid import fid
 
     return float(fid.kernel_distance(features, reference, num_subsets=100, max_subset_size=1000))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fraqat_cli.export.exported_denoiser import is_artifact
+from fraqat_cli.export.exported_denoiser import artifact_info, is_artifact
 from fraqat_cli.stored_config import trusted_config
 from fraqat_cli.student.checkpoint import StudentCheckpoint
 
@@ -53,7 +53,6 @@ def checkpoint_target(path: Path, model_cfg: DictConfig | None, sweep_dir: Path 
 def artifact_target(path: Path, model_cfg: DictConfig | None) -> EvalTarget:
     """The deployed student in a fraqat-export file; its config is the model config the export stored (checked
     as data, `fraqat_cli.stored_config`), or the user's `model=`, which must name the same model."""
-    from fraqat_cli.export.exported_denoiser import artifact_info
 
     info = artifact_info(Path(path))
     source = f"{str(path)!r}"

@@ -15,10 +15,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.checks import positive_int, positive_number
 from fraqat_cli.cli import quiet_console, run_reporting_errors
+from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
+from fraqat_cli.export.diffusers_folder import check_out_folder, folder_prediction, write_diffusers_folder
+from fraqat_cli.export.example_inputs import example_inputs, relative_difference, student_prediction
+from fraqat_cli.export.gguf import load_gguf, write_card, write_gguf
+from fraqat_cli.export.onnx_graph import export_onnx, run_onnxruntime
+from fraqat_cli.export.onnx_nbits import check_runtime, export_nbits
+from fraqat_cli.export.safetensors_file import PLAIN_DTYPES, export_packed, load_packed, round_unquantized, size_report
+from fraqat_cli.files import atomic_write
+from fraqat_cli.models.loading import family_of, load_model
+from fraqat_cli.student.build import model_skeleton
+from fraqat_cli.student.checkpoint import LAST, StudentCheckpoint
+from fraqat_cli.student.rebuild import rebuild_student
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "onnx_nbits": ".onnx",
            "gguf": ".gguf", "diffusers": ""}  # format -> file suffix ("": a folder)
@@ -28,16 +41,12 @@ SIXTEEN_BITS = ("bfloat16", "float16")
 
 
 def check_settings(cfg: DictConfig) -> None:
-    from fraqat_cli.export.safetensors_file import PLAIN_DTYPES
-
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not offered; allowed: {', '.join(FORMATS)}")
     if cfg.dtype != "auto" and cfg.dtype not in PLAIN_DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is not offered for unquantized tensors; allowed: auto, "
                          f"{', '.join(PLAIN_DTYPES)}")
     if cfg.format == "onnx_nbits":
-        from fraqat_cli.export.onnx_nbits import check_runtime
-
         check_runtime(cfg.runtime.block_size, cfg.runtime.accuracy_level)
     if cfg.format == "gguf" and cfg.get("layout") not in ("diffusers", "original"):
         raise ValueError(f"layout={cfg.get('layout')!r} is not offered for format=gguf; allowed: diffusers, original")
@@ -47,7 +56,6 @@ def check_settings(cfg: DictConfig) -> None:
 
 def checkpoint_file(ckpt) -> Path:
     """The one checkpoint `ckpt` names (a file or a run folder); a sweep folder is refused."""
-    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     files, sweep = StudentCheckpoint.locate(ckpt)
     if sweep is not None:
@@ -58,7 +66,6 @@ def checkpoint_file(ckpt) -> Path:
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
     """<run>/export/student.<suffix> for last.ckpt; student-step-NNNNNN.<suffix> for a step checkpoint."""
-    from fraqat_cli.student.checkpoint import LAST, StudentCheckpoint
 
     name = DEFAULT_NAMES[fmt] if checkpoint.name == LAST else f"{DEFAULT_NAMES[fmt]}-{checkpoint.stem}"
     return StudentCheckpoint.run_folder(checkpoint) / "export" / f"{name}{FORMATS[fmt]}"
@@ -85,11 +92,6 @@ def report_path(out: Path) -> Path:
 def export(cfg: DictConfig) -> dict:
     """Check, write and report, holding one model at a time: the student (its float32 weights mapped from
     the checkpoint, not copied) while writing, then only the written file while checking it."""
-    from fraqat_cli.export.example_inputs import example_inputs
-    from fraqat_cli.files import atomic_write
-    from fraqat_cli.models.loading import family_of, load_model
-    from fraqat_cli.student.build import model_skeleton
-    from fraqat_cli.student.checkpoint import StudentCheckpoint
 
     # 1. Everything named must exist and make sense before a model is built.
     check_settings(cfg)
@@ -99,8 +101,6 @@ def export(cfg: DictConfig) -> dict:
     if FORMATS[cfg.format] and out.suffix != FORMATS[cfg.format]:
         raise ValueError(f"out={str(out)!r} must end in {FORMATS[cfg.format]} for format={cfg.format}")
     if cfg.format == "diffusers":
-        from fraqat_cli.export.diffusers_folder import check_out_folder
-
         check_out_folder(out)
     model_cfg = stored.config.model
     family = family_of(model_cfg)
@@ -142,12 +142,6 @@ def trained_student(stored, skeleton, family, example: dict, source: str, dtype:
     """(student as deployed, its deployable layers' records, its output on `example`, how far rounding its
     unquantized tensors to `dtype` moved that output from the float32 student's); ValueError when it cannot
     deploy. The deployed student is the file's model: what the check must reproduce exactly."""
-    import torch
-
-    from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
-    from fraqat_cli.export.example_inputs import relative_difference, student_prediction
-    from fraqat_cli.export.safetensors_file import round_unquantized
-    from fraqat_cli.student.rebuild import rebuild_student
 
     student = rebuild_student(stored, skeleton)  # a LoRA-QAT student's updates come merged (lora.merge_lora_state)
     layers = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
@@ -183,26 +177,17 @@ def staging(out: Path):
 def write_format(cfg: DictConfig, student, family, example: dict, path: Path, info: dict, source: str,
                  dtype: str) -> dict:
     """Write `student` to `path` in `cfg.format`; returns the report's format-specific part (size, inputs)."""
-    from fraqat_cli.export.safetensors_file import export_packed, size_report
 
     if cfg.format == "safetensors":
         export_packed(student, path, info, source, dtype)
         report = {}
     elif cfg.format == "onnx":
-        from fraqat_cli.export.onnx_graph import export_onnx
-
         report = {"inputs": export_onnx(student, family, example, path, info, source)["inputs"]}
     elif cfg.format == "diffusers":
-        from fraqat_cli.export.diffusers_folder import write_diffusers_folder
-
         return write_diffusers_folder(student, family, example, path, info, source, dtype)
     elif cfg.format == "gguf":
-        from fraqat_cli.export.gguf import write_gguf
-
         report = write_gguf(student, family, example, path, cfg.layout, dtype, info, source)
     else:
-        from fraqat_cli.export.onnx_nbits import export_nbits
-
         written = export_nbits(student, family, example, path, info, source, cfg.runtime.block_size,
                                cfg.runtime.accuracy_level)
         report = {"inputs": written["inputs"], "runtime": OmegaConf.to_container(cfg.runtime)}
@@ -210,7 +195,6 @@ def write_format(cfg: DictConfig, student, family, example: dict, path: Path, in
     report["files"] = [f.name for f in files]
     report["size"] = size_report(student, sum(f.stat().st_size for f in files), dtype).as_dict()
     if cfg.format == "gguf":  # the Hub's model card beside the file (not part of the model's size)
-        from fraqat_cli.export.gguf import write_card
 
         report["files"].append(write_card(path, student, info, cfg.layout, source).name)
     return report
@@ -219,28 +203,17 @@ def write_format(cfg: DictConfig, student, family, example: dict, path: Path, in
 def check_export(cfg: DictConfig, expected, family, example: dict, path: Path) -> dict:
     """Run the written file (reloaded, or in onnxruntime) on `example`; ValueError when it differs from the
     student's output `expected` by more than the format's tolerance."""
-    import torch
-
-    from fraqat_cli.export.example_inputs import relative_difference, student_prediction
 
     with torch.no_grad():
         if cfg.format == "safetensors":
-            from fraqat_cli.export.safetensors_file import load_packed
-
             got, against = student_prediction(load_packed(path).transformer, family, example), "PyTorch student"
         elif cfg.format == "diffusers":
-            from fraqat_cli.export.diffusers_folder import folder_prediction
-
             got = folder_prediction(path, family, example)
             against = "PyTorch student, activations unquantized (diffusers from_pretrained, torchao, bfloat16)"
         elif cfg.format == "gguf":
-            from fraqat_cli.export.gguf import load_gguf
-
             got = student_prediction(load_gguf(path), family, example)
             against = "PyTorch student as stored, activations unquantized (diffusers from_single_file)"
         else:
-            from fraqat_cli.export.onnx_graph import run_onnxruntime
-
             got, against = run_onnxruntime(path, example), "PyTorch student (onnxruntime CPU)"
     difference, tolerance = relative_difference(got, expected), cfg.tolerance[cfg.format]
     if not difference <= tolerance:

@@ -25,13 +25,23 @@ import math
 import shutil
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import TorchAoConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
+from fraqat_cli.export.example_inputs import relative_difference, student_prediction
+from fraqat_cli.export.model_card import model_card
+from fraqat_cli.export.safetensors_file import _config_of, _plain_state, size_report
 from fraqat_cli.models.dtype_keyword import diffusers_dtype
-from fraqat_cli.quant import QuantizedLayer
+from fraqat_cli.models.loading import load_pipeline
+from fraqat_cli.quant import QuantizedLayer, set_activation_bits
+from fraqat_cli.stored_config import check_transformer_class
 
 TRANSFORMER = "transformer"  # the folder's subfolder holding the student, as in a pipeline repository
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' own file name (SAFETENSORS_WEIGHTS_NAME)
@@ -104,7 +114,7 @@ def student_blocks(layer: QuantizedLayer, name: str) -> tuple[torch.Tensor, torc
 def torchao_weight(layer: QuantizedLayer, dtype: torch.dtype, name: str):
     """The layer's weight as an `IntxUnpackedToInt8Tensor` of its own codes and float32 scales (diffusers casts
     the scales to the load's dtype; loaded in float32 they stay the student's exactly)."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization import IntxUnpackedToInt8Tensor  # only its option (optim=adamw8bit, format=diffusers)
 
     codes, scale, block = student_blocks(layer, name)
     return IntxUnpackedToInt8Tensor(
@@ -115,7 +125,6 @@ def torchao_weight(layer: QuantizedLayer, dtype: torch.dtype, name: str):
 
 def stored_codes_match(folder: Path, layers: dict[str, QuantizedLayer]) -> bool:
     """Read back from the written file: every quantized layer's codes and scales are the student's, bit for bit."""
-    from safetensors import safe_open
 
     with safe_open(str(folder / WEIGHTS), "pt") as f:
         for name, layer in layers.items():
@@ -131,7 +140,7 @@ def torchao_config(layers: dict[str, QuantizedLayer], plain_linears: list[str]):
     weight-only integer quantization at the student's bits and granularity; one per layer when they differ)
     and which linear layers stay in 16 bits (per-tensor scales are written per channel: `block_size`). At load
     it sets the dtype and memory estimate; the weights' own metadata says how each one dequantizes."""
-    from diffusers import TorchAoConfig
+    # only its option (optim=adamw8bit, format=diffusers)
     from torchao.quantization import FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup
 
     def config_of(layer: QuantizedLayer):
@@ -149,7 +158,6 @@ def torchao_config(layers: dict[str, QuantizedLayer], plain_linears: list[str]):
 def transformer_state(student: nn.Module, layers: dict[str, QuantizedLayer], dtype: torch.dtype) -> dict:
     """The student's state dict as diffusers names it: torchao weights for the quantized layers, every other
     floating-point tensor in `dtype` (the quantizers' own buffers are training state and stay behind)."""
-    from fraqat_cli.export.safetensors_file import _plain_state
 
     state = {}
     for key, value in _plain_state(student, layers).items():
@@ -164,9 +172,6 @@ def transformer_state(student: nn.Module, layers: dict[str, QuantizedLayer], dty
 def diffusers_config(student: nn.Module, quantization_config) -> dict:
     """config.json as `save_pretrained` writes it: the model's config, its class, the diffusers version, and
     the quantization config that makes `from_pretrained` expect torchao weights."""
-    import diffusers
-
-    from fraqat_cli.export.safetensors_file import _config_of
 
     config = {k: v for k, v in _config_of(student).items() if k not in ("_use_default_values", "_name_or_path")}
     return {**config, "_class_name": type(student).__name__, "_diffusers_version": diffusers.__version__,
@@ -179,7 +184,7 @@ def write_transformer(student: nn.Module, layers: dict[str, QuantizedLayer], fol
     them (torchao's `flatten_tensor_state_dict`: the same call diffusers makes). The export's facts (`info`:
     model config, schedule, step) ride in the file's metadata as JSON, where fraqat-eval reads them; diffusers
     and torchao read only the keys `tensor_names` lists."""
-    from safetensors.torch import save_file
+    # only its option (optim=adamw8bit, format=diffusers)
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     quantized = set(layers)
@@ -204,8 +209,6 @@ def write_pipeline(model_cfg: DictConfig, out: Path, transformer_class: str) -> 
             if name != TRANSFORMER and isinstance(entry, list) and entry[0] is not None and (source / name).is_dir():
                 shutil.copytree(source / name, out / name)
     elif model_cfg.get("components"):
-        from fraqat_cli.models.loading import load_pipeline
-
         pipe = load_pipeline(model_cfg, without=(TRANSFORMER,))
         for part in pipe.components.values():  # parts built by Hydra carry ListConfigs, which JSON cannot write
             config = getattr(part, "config", None)
@@ -225,8 +228,6 @@ def write_pipeline(model_cfg: DictConfig, out: Path, transformer_class: str) -> 
 @torch.no_grad()
 def weight_only_prediction(student: nn.Module, family, example: dict):
     """The student's output with its activation quantizers off: what a weight-only format computes."""
-    from fraqat_cli.export.example_inputs import student_prediction
-    from fraqat_cli.quant import set_activation_bits
 
     saved = [(m, m.input_quantizer.current_bits) for m in student.modules() if isinstance(m, QuantizedLayer)]
     set_activation_bits(student, None)
@@ -242,9 +243,6 @@ def write_diffusers_folder(student: nn.Module, family, example: dict, path: Path
     """Write the folder `path` (transformer, pipeline when local, model card); the report's format part, with
     how far dropping the activation quantizers moves the student (`activation_quantizer_dropped`, relative L2
     on the example: 0 for a student trained without them)."""
-    from fraqat_cli.export.example_inputs import relative_difference, student_prediction
-    from fraqat_cli.export.model_card import model_card
-    from fraqat_cli.export.safetensors_file import size_report
 
     layers = check_student(student, source)
     with torch.no_grad():
@@ -275,9 +273,6 @@ def is_diffusers_folder(path: Path) -> bool:
 def stored_info(path: Path) -> str:
     """The export's facts (JSON text) from the folder's weights metadata, the transformer class its config.json
     names checked first; ValueError for a folder fraqat did not write."""
-    from safetensors import safe_open
-
-    from fraqat_cli.stored_config import check_transformer_class
 
     config = json.loads((Path(path) / TRANSFORMER / "config.json").read_text())
     check_transformer_class(f"diffusers.{config.get('_class_name')}", f"{str(path)!r}")
@@ -292,9 +287,6 @@ def stored_info(path: Path) -> str:
 def load_folder(path: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
     """The folder's transformer as diffusers loads it (torchao weights), in `dtype`. The class config.json names
     is used only if it is one fraqat's model configs name (a folder cannot choose what is imported)."""
-    from hydra.utils import get_class
-
-    from fraqat_cli.stored_config import check_transformer_class
 
     config = Path(path) / TRANSFORMER / "config.json"
     if not config.is_file():
@@ -309,7 +301,6 @@ def load_folder(path: Path, dtype: torch.dtype = COMPUTE_DTYPE) -> nn.Module:
 def folder_prediction(path: Path, family, example: dict) -> torch.Tensor:
     """One denoiser step of the folder's transformer in diffusers, bfloat16 as users run it (float32 out). The
     timesteps stay float32: a pipeline rounds them to its dtype, which is the runtime's choice, not the file's."""
-    from fraqat_cli.export.example_inputs import student_prediction
 
     model = load_folder(path)
     inputs = {k: v.to(COMPUTE_DTYPE) if v.is_floating_point() and k != "timestep" else v for k, v in example.items()}

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fraqat_cli.export.diffusers_folder import is_diffusers_folder, load_folder, stored_info
+from fraqat_cli.export.safetensors_file import load_packed, read_metadata
+from fraqat_cli.quant import FakeQuantizer
 from fraqat_cli.stored_config import check_transformer_class
 
 SUFFIXES = (".safetensors", ".onnx")
@@ -27,14 +30,12 @@ IGNORED = {"return_dict", "attention_kwargs", "added_cond_kwargs", "joint_attent
 
 def is_artifact(entry) -> bool:
     """A fraqat-export file (by suffix) or a `format=diffusers` folder."""
-    from fraqat_cli.export.diffusers_folder import is_diffusers_folder
 
     return isinstance(entry, (str, Path)) and (str(entry).endswith(SUFFIXES) or is_diffusers_folder(Path(entry)))
 
 
 def artifact_info(path: Path) -> dict:
     """The facts `fraqat-export` stored in `path` (model config, schedule, granularity, step, ...)."""
-    from fraqat_cli.export.diffusers_folder import is_diffusers_folder, stored_info
 
     path = Path(path).expanduser()
     if not path.is_file() and not is_diffusers_folder(path):
@@ -42,13 +43,11 @@ def artifact_info(path: Path) -> dict:
     if path.is_dir():
         info, fmt = _json_record(stored_info(path), path), "diffusers"
     elif path.suffix == ".safetensors":
-        from fraqat_cli.export.safetensors_file import read_metadata
-
         metadata = read_metadata(path)
         check_transformer_class(metadata.get("transformer_class"), f"{str(path)!r}")  # before anything is built
         info, fmt = _json_record(metadata.get("info", "{}"), path), "safetensors"
     else:
-        import onnx
+        import onnx  # format=onnx/onnx_nbits only
 
         try:
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -81,13 +80,8 @@ def load_deployed(path: Path, like: nn.Module, dtype: torch.dtype, device) -> nn
     student's weights exactly, with no activation quantizer (the weight-only deployment's own model)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        from fraqat_cli.export.diffusers_folder import load_folder
-
         return load_folder(path, dtype).to(device)
     if path.suffix == ".safetensors":
-        from fraqat_cli.export.safetensors_file import load_packed
-        from fraqat_cli.quant import FakeQuantizer
-
         model = load_packed(path).transformer.to(device=device, dtype=dtype)
         for module in model.modules():  # quantizer state stays float32, as the evaluated checkpoints' does
             if isinstance(module, FakeQuantizer):
@@ -104,7 +98,7 @@ class OnnxDenoiser(nn.Module):
     def __init__(self, path: Path, config) -> None:
         super().__init__()
         try:
-            import onnxruntime
+            import onnxruntime  # format=onnx/onnx_nbits only
         except ImportError as error:
             raise ModuleNotFoundError(
                 f"evaluating {str(path)!r} needs onnxruntime, which is not installed; run "

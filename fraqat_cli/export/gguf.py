@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
@@ -32,6 +33,7 @@ from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
 from fraqat_cli.export.example_inputs import relative_difference, student_prediction
 from fraqat_cli.export.gguf_blocks import BLOCK, block_type, block_view, check_group_size, pack_blocks
 from fraqat_cli.export.gguf_keys import TABLES, original_layout
+from fraqat_cli.export.model_card import model_card
 from fraqat_cli.export.safetensors_file import QUANTIZER_PARTS, _config_of
 from fraqat_cli.files import atomic_write
 from fraqat_cli.models.dtype_keyword import diffusers_dtype
@@ -179,7 +181,6 @@ def write_gguf(student: nn.Module, family, example: dict, path: Path, layout: st
 
 def write_card(path: Path, student: nn.Module, info: dict, layout: str, source: str) -> Path:
     """The Hub's model card beside the file (`README.md` of its folder): recipe, evaluation, loading lines."""
-    from fraqat_cli.export.model_card import model_card
 
     records = {name: layer_record(m) for name, m in deployable_layers(student, source).items()}
     checkpoint = Path(info["checkpoint"]) if info.get("checkpoint") else None
@@ -234,7 +235,6 @@ def load_gguf(path: Path, compute_dtype: torch.dtype = torch.float32) -> nn.Modu
     """The transformer as diffusers' own `from_single_file` loads the file (GGUFLinear layers). The class comes
     from the file's architecture through `ARCHITECTURES` (nothing named inside the file is imported); the
     config from the file's metadata, written to a temporary folder as `config=` expects."""
-    import diffusers
 
     reader = GGUFReader(str(path))
     arch = read_string(reader, "general.architecture")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ class QDQLayer(QuantizedInput):
 def _squeeze_dim(self, dim: int):
     """aten.squeeze.dim as torch means it: a no-op when the dimension is not 1 (PixArt squeezes a
     token dimension that way; the stock translation emits a Squeeze that onnxruntime rejects)."""
-    from onnxscript import opset21 as op
+    from onnxscript import opset21 as op  # format=onnx only
 
     size = self.shape[dim] if self.shape is not None and len(self.shape) else None
     if self.shape is not None and (len(self.shape) == 0 or (isinstance(size, int) and size != 1)):
@@ -183,7 +184,6 @@ def graph_copy(student: nn.Module, source: str, stand_in=None, kinds=None, targe
 
 def trace(graph_model: nn.Module, family, example: dict[str, torch.Tensor]):
     """The ONNX model proto of `graph_model` called as a denoiser on `example` (inputs in its order)."""
-    import logging
 
     for noisy in ("onnx_ir", "onnxscript"):  # a line per merged constant or folded slice otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -219,7 +219,7 @@ def save_graph(model, path: Path, info: dict, kind: str, inputs: list[str], reco
                single_file_limit: int = SINGLE_FILE_LIMIT) -> dict:
     """Strip the exporter's stack traces, stamp fraqat's metadata and write `model` (one file, atomically,
     or with a side file of tensors past protobuf's 2 GiB)."""
-    import onnx
+    import onnx  # format=onnx/onnx_nbits only
 
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of a small model's file
         del node.metadata_props[:]
@@ -243,8 +243,8 @@ def save_graph(model, path: Path, info: dict, kind: str, inputs: list[str], reco
 def _narrow_codes(model, records: dict[str, dict]) -> int:
     """Store the codes of layers at <= 4 bits as INT4/UINT4 initializers; returns how many DequantizeLinear
     nodes read narrowed codes (the exporter may merge identical initializers, so count readers, not tensors)."""
-    import ml_dtypes
-    from onnx import TensorProto, numpy_helper
+    import ml_dtypes  # format=onnx only
+    from onnx import TensorProto, numpy_helper  # format=onnx/onnx_nbits only
 
     four_bit = {f"{name}.codes": r for name, r in records.items() if r["bits"] <= 4}
     readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
@@ -296,7 +296,7 @@ def _quantized_matmuls(model, activations: bool) -> int:
 
 def run_onnxruntime(path: Path, example: dict[str, torch.Tensor]) -> torch.Tensor:
     """The graph's prediction for `example`, computed by onnxruntime on the CPU."""
-    import onnxruntime
+    import onnxruntime  # format=onnx/onnx_nbits only
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

@@ -137,8 +137,8 @@ def _fed_by_dequantize(name: str, producer: dict) -> bool:
 
 def weight_bytes(path: Path) -> int:
     """Bytes of every initializer the graph holds: what a session keeps resident as weights."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # format=onnx/onnx_nbits only
+    from onnx import numpy_helper  # format=onnx/onnx_nbits only
 
     model = onnx.load(str(path))
     return sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer)

@@ -16,10 +16,14 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from fraqat_cli.export.deploy_checks import deployable_layers, layer_record
@@ -140,15 +144,12 @@ def export_packed(student: nn.Module, path: Path, info: dict, source: str = "the
         "layers": json.dumps(records),
         "info": json.dumps(info, default=str),
     }
-    from safetensors.torch import save_file
 
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return size_report(student, Path(path).stat().st_size, dtype)
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("fraqat-cli")
     except PackageNotFoundError:
@@ -166,7 +167,6 @@ def size_report(student: nn.Module, file_bytes: int, dtype: str = "float32") -> 
 
 def _config_of(model: nn.Module) -> dict:
     """The diffusers config that rebuilds `model`, as plain JSON (tiny models built by Hydra carry ListConfigs)."""
-    from omegaconf import OmegaConf
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "from_config"):
@@ -186,8 +186,6 @@ class PackedStudent:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -212,7 +210,6 @@ def load_packed(path: Path | str) -> PackedStudent:
     """Rebuild the transformer from an `export_packed` file: codes dequantized exactly, activations
     fake-quantized as in training, unquantized tensors widened from the file's dtype to float32. Tensors
     are read one at a time into a model built without weights, so the peak is the float32 model itself."""
-    from safetensors import safe_open
 
     path = Path(path).expanduser()
     metadata = read_metadata(path)

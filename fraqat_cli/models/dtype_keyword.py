@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import functools
 
+import transformers
+from diffusers.utils import deprecation_utils
+from packaging.version import Version
+
 
 def diffusers_dtype(dtype) -> dict:
     """The keyword argument for diffusers' `from_pretrained` / `from_single_file`."""
@@ -22,14 +26,10 @@ def transformers_dtype(dtype) -> dict:
 @functools.cache
 def _diffusers_takes_dtype() -> bool:
     # the release that added `dtype` resolves the two names in one helper; no such helper, no `dtype`
-    from diffusers.utils import deprecation_utils
 
     return hasattr(deprecation_utils, "_resolve_dtype")
 
 
 @functools.cache
 def _transformers_takes_dtype() -> bool:
-    import transformers
-    from packaging.version import Version
-
     return Version(transformers.__version__) >= Version("4.56")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import LoadedModel
@@ -52,7 +53,6 @@ def generate(model: LoadedModel, conditioning: Conditioning, seeds: list[int], o
 
 def image_grid(images, columns: int | None = None):
     """Paste equally sized PIL images into one grid image, row by row."""
-    from PIL import Image
 
     columns = columns or min(len(images), 4)
     rows = -(-len(images) // columns)

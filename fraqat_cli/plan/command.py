@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import hydra
+import torch
+from hydra import compose
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.checks import positive_int, positive_number
@@ -22,6 +26,10 @@ from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning,
 from fraqat_cli.files import atomic_write
 from fraqat_cli.plan.depth import trace_by_depth
 from fraqat_cli.plan.trace import StepTrace, example_row
+from fraqat_cli.train.checkpointing import FRAMING_BYTES_PER_FILE, FRAMING_BYTES_PER_TENSOR
+from fraqat_cli.train.hydra_job import job_overrides, output_dir
+from fraqat_cli.train.run_length import run_length
+from fraqat_cli.train.sharding import BlockShardedFSDP
 
 PLAN_FILE = "plan.json"
 GB = 1e9
@@ -45,8 +53,6 @@ def layout_of(cfg: DictConfig) -> Layout:
         devices = int(devices) if devices.lstrip("-").isdigit() else devices
     assumed = None
     if devices in ("auto", -1):
-        import torch
-
         if torch.cuda.device_count() == 0:
             assumed = (f"1 device: trainer.devices={devices} counts this machine's GPUs and it has none; "
                        f"give trainer.devices=N (and trainer.num_nodes) to plan for N")
@@ -57,10 +63,6 @@ def layout_of(cfg: DictConfig) -> Layout:
                                                                         trainer.get("num_nodes", 1))
     strategy = trainer.get("strategy", "auto")
     if OmegaConf.is_dict(strategy):
-        from hydra.utils import get_class
-
-        from fraqat_cli.train.sharding import BlockShardedFSDP
-
         kind = "fsdp" if issubclass(get_class(strategy._target_), BlockShardedFSDP) else "ddp"
     else:
         kind = "fsdp" if "fsdp" in str(strategy) else "ddp" if "ddp" in str(strategy) else "single"
@@ -121,7 +123,6 @@ def _gpu(cfg: DictConfig) -> tuple[str, float, float]:
 def trace_run(cfg: DictConfig, layout: Layout, samples: int, row: dict) -> tuple[StepTrace, object]:
     """The step `cfg` trains: its per-device batch, with gradients present when it accumulates (`row`: one
     training row, `example_row`; traced on shallow twins of a real model, `fraqat_cli.plan.depth`)."""
-    from fraqat_cli.train.run_length import run_length
 
     length = run_length(cfg, layout.devices, samples)
     return trace_by_depth(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1, row=row), length
@@ -191,14 +192,11 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 
 def _framing() -> tuple[int, int]:
-    from fraqat_cli.train.checkpointing import FRAMING_BYTES_PER_FILE, FRAMING_BYTES_PER_TENSOR
-
     return FRAMING_BYTES_PER_TENSOR, FRAMING_BYTES_PER_FILE
 
 
 def compose_with(cfg: DictConfig, overrides: list[str] | None, extra: list[str]) -> DictConfig:
     """`cfg` composed again from the same command line plus `extra` (Hydra's compose: group options too)."""
-    from hydra import compose
 
     config = compose(config_name="plan", overrides=[*(overrides or []), *extra])
     OmegaConf.set_struct(config, False)
@@ -206,8 +204,6 @@ def compose_with(cfg: DictConfig, overrides: list[str] | None, extra: list[str])
 
 
 def _option_exists(group: str, option: str) -> bool:
-    from importlib import resources
-
     return (resources.files("fraqat_cli.conf") / group / f"{option}.yaml").is_file()
 
 
@@ -304,8 +300,6 @@ def write_plan(plan: dict, run_dir: Path) -> Path:
 
 @hydra.main(config_path="pkg://fraqat_cli.conf", config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from fraqat_cli.train.hydra_job import job_overrides, output_dir
-
     quiet_console()
     quiet_lightning()
 

@@ -17,6 +17,7 @@ import copy
 import io
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from hydra.utils import instantiate
@@ -29,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from fraqat_cli.models.architecture import block_classes, build_transformer, count_parameters
 from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.loading import LoadedModel, family_of, load_pipeline, model_dtype
+from fraqat_cli.train.assembly import TrainingData, distillation_module
+from fraqat_cli.train.rng_state import TrainingOrder
 
 TOTAL = "Total"  # MemTracker's key for a device's sum
 
@@ -173,10 +176,6 @@ def _row_bytes(row: dict[str, torch.Tensor], keys) -> int:
 def stand_in_data(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     """What `train.distillation_module` reads of the training data, `teacher` as the pipeline's transformer and
     the training noise bound to the stand-in parts' scheduler (the real one's settings)."""
-    from types import SimpleNamespace
-
-    from fraqat_cli.train.assembly import TrainingData
-    from fraqat_cli.train.rng_state import TrainingOrder
 
     scheduler = instantiate(_stand_in_parts(cfg.model)["scheduler"])
     noise = instantiate(cfg.model.noise)
@@ -244,7 +243,6 @@ def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, ac
 def _module_to_trace(cfg: DictConfig, teacher: nn.Module, batch_size: int):
     """fraqat-train's own distillation module around `teacher`, built quietly; static activation ranges are
     measured on data and hold no memory of their own in the step, so they are left out."""
-    from fraqat_cli.train.assembly import distillation_module
 
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):

@@ -9,6 +9,8 @@ import io
 from pathlib import Path
 
 import lightning as L
+import matplotlib
+import matplotlib.pyplot as plt
 
 from fraqat_cli.files import atomic_write
 
@@ -38,10 +40,8 @@ class TrainingCurve(L.Callback):
 
 def draw_training_curve(points: list[tuple[int, float, float]], validation: list[list[float]], path: Path) -> None:
     """Loss (log scale; validation as dots) above the weight bits, sharing the step axis, as a PNG."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     steps, losses, bits = zip(*points) if points else ((), (), ())
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 4.5), height_ratios=[2, 1])

@@ -8,7 +8,13 @@ low-bit optimizer, which runs on the CPU as on CUDA.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
+from hydra.utils import get_class, get_method
+
+from fraqat_cli.train.sharding import BlockShardedFSDP
 
 
 def _plain(params, betas) -> tuple[list, tuple[float, float]]:
@@ -29,8 +35,6 @@ def adamw8bit(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), 
     """torchao's AdamW8bit: moments as signed/unsigned 8-bit codes with a scale per `block_size` values
     (tensors under 4,096 values, or not a multiple of the block, keep float32 moments, as bitsandbytes does).
     Its update is compiled with torch.compile, which on the CPU needs a C++ compiler."""
-    import logging
-    import warnings
 
     # Notices about torchao's own internals, not about the run: torch's pytree logs a deprecation per enum
     # torchao registers on import, and AOT autograd warns that the 8-bit state class has no cache hash.
@@ -39,7 +43,7 @@ def adamw8bit(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), 
     pytree_log.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"OptimState8bit does not implement _stable_hash_for_caching")
     try:
-        from torchao.optim import AdamW8bit
+        from torchao.optim import AdamW8bit  # only its option (optim=adamw8bit, format=diffusers)
     except ImportError as error:
         raise ValueError("optim=adamw8bit needs torchao, which is not installed: pip install 'torchao>=0.10', "
                          "or choose optim=adamw") from error
@@ -71,7 +75,6 @@ def optimizer_name(optim_cfg) -> str:
 
 def is_adamw8bit(optim_cfg) -> bool:
     """Whether `optim_cfg` (an `optim` group entry, or None) builds `adamw8bit`."""
-    from hydra.utils import get_method
 
     return optim_cfg is not None and get_method(optim_cfg._target_) is adamw8bit
 
@@ -80,13 +83,11 @@ def check_optimizer(optim_cfg, trainer_cfg) -> None:
     """Refuse, before any model is built, an optimizer whose state a sharded run cannot checkpoint: FSDP
     gathers AdamW8bit's 8-bit moments as AsyncCollectiveTensor wrappers, which no safe load can read, so
     the run would train for hours and then be unable to resume (seen on the CPU rehearsal, torchao 0.18)."""
-    from hydra.utils import get_class
 
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_") if hasattr(strategy, "get") else None
     if target is None or not is_adamw8bit(optim_cfg):
         return
-    from fraqat_cli.train.sharding import BlockShardedFSDP
 
     if issubclass(get_class(target), BlockShardedFSDP):
         raise ValueError("optim=adamw8bit cannot be checkpointed under trainer=fsdp (its sharded 8-bit moments "

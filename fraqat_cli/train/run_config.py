@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fraqat_cli.cli import warn
+from fraqat_cli.student.checkpoint import stored_run
 from fraqat_cli.train.sweep import METRICS_FILE
 
 # Keys (and key prefixes) that do not change the trained student: where things go, how often they are saved or
@@ -78,7 +79,6 @@ def previous_result(cfg: DictConfig, ckpt_path: str, run_dir: Path) -> dict | No
     """The stored result when the folder's run is the one asked for and has run all its steps; None to train.
 
     A folder whose run was trained with another config is refused (`check_same_run`)."""
-    from fraqat_cli.student.checkpoint import stored_run
 
     if cfg.resume not in ("auto", "force"):  # an explicit checkpoint: the user chose what to continue from
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 
 class BlockShardedFSDP(ModelParallelStrategy):
@@ -38,7 +39,6 @@ class BlockShardedFSDP(ModelParallelStrategy):
 
     def shard(self, student: nn.Module) -> None:
         """Called from the LightningModule's `configure_model`: blocks first, then the student's remainder."""
-        from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         blocks = [m for m in student.modules() if isinstance(m, self.block_classes)]
