@@ -16,7 +16,7 @@ import copy
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
 
 from fraqat_cli.models.architecture import build_transformer
 from fraqat_cli.student.build import quantize_student
@@ -26,10 +26,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def counts(model_name: str, ranks: list[int]) -> list[str]:
-    model_cfg = OmegaConf.load(CONF / "model" / f"{model_name}.yaml")
-    quantizer = OmegaConf.load(CONF / "quantizer" / "per_tensor.yaml")
-    selection = OmegaConf.load(CONF / "selection" / "all_linear.yaml")
-    blocks = OmegaConf.load(CONF / "trainable" / "transformer_blocks.yaml").patterns
+    with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):  # as fraqat-train composes
+        cfg = compose(config_name="train", overrides=[f"model={model_name}", "quantizer=per_tensor",
+                                                      "selection=all_linear", "trainable=transformer_blocks"])
+    model_cfg, quantizer, selection, blocks = cfg.model, cfg.quantizer, cfg.selection, cfg.trainable.patterns
     student = build_transformer(model_cfg)  # meta device
     quantize_student(student, quantizer, selection, 4)
     total = sum(p.numel() for p in student.parameters())

@@ -23,12 +23,11 @@ import sys
 import threading
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import SanaTransformer2DModel
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 
 from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.families import SanaFamily
@@ -37,47 +36,23 @@ from fraqat_cli.student.build import build_student
 from fraqat_cli.train.distill import DistillationModule
 from fraqat_cli.train.optimizers import adamw
 
+# The tiny model is conf/model/tiny_sana.yaml's transformer, composed as fraqat-train composes it; "larger" widens it.
+with initialize_config_module(config_module="fraqat_cli.conf", version_base="1.3"):
+    CFG = compose(config_name="train",
+                  overrides=["model=tiny_sana", "quantizer=per_channel", "quantizer.rounding=floor"])
 SIZES = {
-    # (transformer kwargs, batch, latent side, caption length)
-    "tiny": (
-        dict(
-            num_attention_heads=2,
-            attention_head_dim=32,
-            num_layers=2,
-            num_cross_attention_heads=2,
-            cross_attention_head_dim=32,
-            cross_attention_dim=64,
-            caption_channels=32,
-        ),
-        4,
-        16,
-        16,
-    ),
-    "larger": (
-        dict(
-            num_attention_heads=8,
-            attention_head_dim=32,
-            num_layers=6,
-            num_cross_attention_heads=8,
-            cross_attention_head_dim=32,
-            cross_attention_dim=256,
-            caption_channels=64,
-        ),
-        8,
-        32,
-        32,
-    ),
+    # (overrides of the tiny transformer's config, batch, latent side, caption length)
+    "tiny": ({}, 4, 16, 16),
+    "larger": (dict(num_attention_heads=8, num_layers=6, num_cross_attention_heads=8, cross_attention_dim=256,
+                    caption_channels=64), 8, 32, 32),
 }
-QUANTIZER = OmegaConf.create(
-    {"granularity": "per_channel", "group_size": None, "symmetric": True, "rounding": "floor", "activation_bits": 8}
-)
-SELECTION = OmegaConf.load(Path(__file__).parents[1] / "conf/selection/transformer_blocks.yaml")
+QUANTIZER, SELECTION = CFG.quantizer, CFG.selection
 
 
 def build(size: str, device: str):
     kwargs, batch, side, length = SIZES[size]
     torch.manual_seed(0)
-    teacher = SanaTransformer2DModel(in_channels=4, out_channels=4, sample_size=side, patch_size=2, **kwargs).to(device)
+    teacher = instantiate(CFG.model.components.transformer, sample_size=side, **kwargs).to(device)
     noise = FlowMatchingNoise().bind({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
     student, _ = build_student(teacher, QUANTIZER, SELECTION, start_bits=4)
     module = DistillationModule(teacher, student, SanaFamily(), noise, optimizer=partial(adamw, lr=1e-5),
@@ -86,7 +61,7 @@ def build(size: str, device: str):
     g = torch.Generator().manual_seed(1)
     data = {
         "latents": torch.randn(batch, 4, side, side, generator=g),  # (B, C, H, W)
-        "prompt_embeds": torch.randn(batch, length, kwargs["caption_channels"], generator=g),  # (B, L, D)
+        "prompt_embeds": torch.randn(batch, length, teacher.config.caption_channels, generator=g),  # (B, L, D)
         "prompt_attention_mask": torch.ones(batch, length, dtype=torch.long),  # (B, L)
     }
     return module, plain, {k: v.to(device) for k, v in data.items()}

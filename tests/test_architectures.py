@@ -100,7 +100,7 @@ def test_selections_quantize_the_expected_layers_of_the_real_models(name):
         print(f"{name} {choice}: {summaries[choice]}")
         assert summaries[choice].quantized_layers == SELECTION_COUNTS[name][choice]
     blocks, everything = summaries["transformer_blocks"], summaries["all_linear"]
-    assert everything.quantized_layers == everything.linear_layers
+    assert everything.quantized_layers == everything.eligible_layers
     assert blocks.quantized_layers < everything.quantized_layers
     assert blocks.quantized_fraction < everything.quantized_fraction
     if name == "sana":

@@ -56,7 +56,7 @@ def test_summary_counts_quantized_layers_and_parameters(tiny_sana_transformer):
     block_weights = sum(m.weight.numel() for n, m in linears.items() if n.startswith("transformer_blocks."))
     summary = quantize_model(model)
     assert summary.quantized_layers == 16
-    assert summary.linear_layers == len(linears) == 22
+    assert summary.eligible_layers == len(linears) == 22
     assert summary.quantized_params == block_weights == 16 * 64 * 64
     assert summary.total_params == total_params  # swapping shares parameters: nothing added or copied
     assert summary.quantized_fraction == pytest.approx(block_weights / total_params)

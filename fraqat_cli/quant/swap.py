@@ -74,11 +74,6 @@ class QuantizationSummary:
     kinds: tuple[str, ...] = DEFAULT_LAYERS
 
     @property
-    def linear_layers(self) -> int:
-        """The eligible-layer count under its name from when only linear layers were quantized."""
-        return self.eligible_layers
-
-    @property
     def quantized_fraction(self) -> float:
         return self.quantized_params / max(self.total_params, 1)
 
