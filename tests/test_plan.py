@@ -212,3 +212,12 @@ def test_the_one_gpu_flux_recipe_fits_one_80gb_gpu_with_a_margin():
     assert per_device(trace, Layout("single", 1, True))["peak"] < 0.9 * usable  # a margin of 10% of the usable
     assert trace.trainable_params < 0.01 * trace.student_params
     assert trace.student_bytes < 0.55 * 4 * trace.student_params  # the base in 2 bytes a parameter, not 4
+
+
+@pytest.mark.parametrize("override, message", [("plan.mfu=1.5", "plan.mfu=1.5 is a fraction"),
+                                               ("plan.usable_fraction=0", "plan.usable_fraction must be a positive")])
+def test_plan_fractions_outside_0_to_1_are_refused_naming_the_range(override, message):
+    from fraqat_cli.plan.command import check_fractions
+
+    with pytest.raises(ValueError, match=message):
+        check_fractions(plan_config(override).plan)

@@ -128,13 +128,18 @@ def trace_run(cfg: DictConfig, layout: Layout, samples: int, row: dict) -> tuple
     return trace_by_depth(cfg, cfg.data.batch_size, accumulating=length.accumulation > 1, row=row), length
 
 
+def check_fractions(plan: DictConfig) -> None:
+    """`plan.mfu` and `plan.usable_fraction` are fractions in (0, 1]."""
+    for key in ("mfu", "usable_fraction"):
+        value = positive_number(f"plan.{key}", plan[key])
+        if value > 1:
+            raise ValueError(f"plan.{key}={value!r} is a fraction; allowed: 0 < plan.{key} <= 1")
+
+
 def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """The plan of `cfg`'s run (plan.json's content). `overrides` (the command line's) let the suggestions
     compose the same config with one option changed."""
-    for key in ("mfu", "usable_fraction"):
-        value = positive_number(f"plan.{key}", cfg.plan[key])
-        if value > 1:
-            raise ValueError(f"plan.{key}={value!r} is a fraction; allowed: 0 < plan.{key} <= 1")
+    check_fractions(cfg.plan)
     gpu, peak_flops, memory = _gpu(cfg)
     budget = memory * cfg.plan.usable_fraction
     layout, samples = layout_of(cfg), training_samples(cfg)
