@@ -114,7 +114,7 @@ def test_selections_quantize_the_expected_layers_of_the_real_models(name):
 def test_quantizing_on_the_meta_device_keeps_every_tensor_there():
     model = build_transformer(model_config("pixart_sigma"), layers=1)
     with torch.device("meta"):  # even inside a meta-device context the quantizers know their bit-widths
-        quantize_model(model, build_quant_config({"granularity": "per_tensor"}, selection("all_linear")))
+        quantize_model(model, build_quant_config(quantizer_preset("per_tensor"), selection("all_linear")))
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
     set_weight_bits(model, 5.5)
     assert {m.weight_bits for m in model.modules() if isinstance(m, QuantLinear)} == {5.5}

@@ -105,7 +105,7 @@ def test_a_file_of_another_entry_or_with_other_rows_is_recomputed_and_named(tmp_
     capsys.readouterr()
 
     again = sharded_tensors(tmp_path, "rows", {"n": 1}, 4, 2, rows(0))
-    assert capsys.readouterr().err.splitlines() == [
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
         f"warning: cache entry {str(first.folder / first.files[0])!r}: its tensors should have 2 rows; got "
         f"{{'x': (1, 1)}}; recomputing it",
         f"warning: cache entry {str(first.folder / first.files[1])!r}: it belongs to cache entry {other_key}, "

@@ -15,7 +15,7 @@ from train_support import cli_env, fraqat_train, train_command
 
 from fraqat_cli.student.checkpoint import LAST, load_checkpoint
 
-STEPS = 24
+STEPS = 40  # room after the stops: under load a signal can land several steps after the step it waited for
 # 16 prompts, one held out: 15 rows in batches of 4 are 3 batches an epoch, so most stops fall mid-epoch.
 ARGS = ["model=tiny_sana", f"trainer.max_steps={STEPS}", "data.num_prompts=16", "data.batch_size=4", "logger=csv",
         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=1", "checkpoint.keep=0",
@@ -54,7 +54,7 @@ def test_a_run_stopped_three_times_ends_bit_identical_to_the_run_never_stopped(t
     whole = subprocess.Popen([*train_command(), *ARGS, f"hydra.run.dir={tmp_path}/whole"], cwd=tmp_path,
                              env=cli_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "stopped"
-    stops = sorted(random.sample(range(2, STEPS - 3), 3))
+    stops = sorted(random.sample(range(2, STEPS // 2), 3))
     stopped_at = []
     for step, how in zip(stops, (signal.SIGKILL, signal.SIGINT, signal.SIGKILL)):
         result = stop_at(run, step, how, cache_dir)
