@@ -82,17 +82,6 @@ class RequiredKeys(Callback):
         self.on_run_start(config)
 
 
-def wandb_logger(**kwargs):
-    """Lightning's `WandbLogger` (`conf/logger/wandb.yaml`), without the `anonymous=None` it always passes to
-    `wandb.init`: current wandb warns at every run that the setting has no effect."""
-    from lightning.pytorch.loggers import WandbLogger  # only when a wandb logger is configured (never in export)
-
-    logger = WandbLogger(**kwargs)
-    if logger._wandb_init.get("anonymous") is None:  # Lightning's own init arguments: the one place to drop it
-        logger._wandb_init.pop("anonymous", None)
-    return logger
-
-
 def warn(message: str) -> None:
     """One line on stderr, where a user watching a run (or a scheduler's log) looks for trouble."""
     print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -61,6 +61,17 @@ def _job_overrides() -> list[str]:
         return []
 
 
+def wandb_logger(**kwargs):
+    """Lightning's `WandbLogger` (`conf/logger/wandb.yaml`), without the `anonymous=None` it always passes to
+    `wandb.init`: current wandb warns at every run that the setting has no effect."""
+    from lightning.pytorch.loggers import WandbLogger  # only when a wandb logger is configured (never in export)
+
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous") is None:  # Lightning's own init arguments: the one place to drop it
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
 def mlflow_logger(save_dir: str, tracking_uri: str | None = None, **kwargs):
     """Lightning's `MLFlowLogger` (`conf/logger/mlflow.yaml`); with no `tracking_uri`, a SQLite store in the run
     folder (`<save_dir>/mlflow.db`): MLflow 3 refuses the plain-folder store Lightning would otherwise pick."""
