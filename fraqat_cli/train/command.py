@@ -144,11 +144,7 @@ def make_trainer(cfg: DictConfig, data: TrainingData, schedule, student, run_dir
     # the sizes of both kinds, and a warning when they will not fit the disk
     report_checkpoint_space(cfg.checkpoint, cfg.optim, student, run_dir / "checkpoints")
     stats = StepStats()
-    # A constant activation schedule is the quantizer's own activation bits, set when the student was built: nothing
-    # to apply per step. Applied per step, an activation schedule makes a resumed run differ from the run never
-    # stopped (tests/test_resume_reproducible.py; the cause is not found yet), so only a changing one is applied.
-    node = cfg.get("activation_schedule")
-    activations = instantiate_or_raise(node) if node and node.get("name") != "constant" else None
+    activations = instantiate_or_raise(cfg.activation_schedule) if cfg.get("activation_schedule") else None
     callbacks = [stats, BitScheduleCallback(schedule, activations), RandomState(data.order, data.batch_size),
                  TrainingCurve(),
                  *checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints"),
