@@ -17,6 +17,7 @@ from fraqat_cli.student.checkpoint import LAST, load_checkpoint
 
 STEPS = 40  # room after the stops: under load a signal can land several steps after the step it waited for
 # 16 prompts, one held out: 15 rows in batches of 4 are 3 batches an epoch, so most stops fall mid-epoch.
+BATCHES_PER_EPOCH = 3
 ARGS = ["model=tiny_sana", f"trainer.max_steps={STEPS}", "data.num_prompts=16", "data.batch_size=4", "logger=csv",
         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=1", "checkpoint.keep=0",
         "validation.every_n_steps=5"]
@@ -54,7 +55,9 @@ def test_a_run_stopped_three_times_ends_bit_identical_to_the_run_never_stopped(t
     whole = subprocess.Popen([*train_command(), *ARGS, f"hydra.run.dir={tmp_path}/whole"], cwd=tmp_path,
                              env=cli_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "stopped"
-    stops = sorted(random.sample(range(2, STEPS // 2), 3))
+    # the first stop on an epoch's last batch (Lightning goes on into the next epoch without its start hook)
+    first = BATCHES_PER_EPOCH * random.randint(1, 4)
+    stops = [first, *sorted(random.sample(range(first + 1, STEPS // 2), 2))]
     stopped_at = []
     for step, how in zip(stops, (signal.SIGKILL, signal.SIGINT, signal.SIGKILL)):
         result = stop_at(run, step, how, cache_dir)

@@ -65,14 +65,7 @@ class RandomState(L.Callback):
     def __init__(self, order: TrainingOrder, batch_size: int) -> None:
         self.order, self.batch_size = order, batch_size
         self.epoch, self.batches = 0, 0  # batches trained in `epoch`
-        self._resumed_epoch: int | None = None  # the epoch a loaded checkpoint stopped in
         self._pending: list | None = None  # loaded generator states, one per rank, for the next step
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        epoch = trainer.fit_loop.epoch_progress.current.processed  # what Lightning gives the sampler's set_epoch
-        if epoch != self._resumed_epoch:  # a new epoch, not the rest of the one a resumed run stopped in
-            self.epoch, self.batches = epoch, 0
-        self._resumed_epoch = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._pending is not None:
@@ -85,6 +78,11 @@ class RandomState(L.Callback):
                      f"{trainer.world_size}: the resumed run draws other noise than an uninterrupted one would")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        # The epoch is the one the sampler was given (Lightning's `_set_sampler_epoch`), read at every batch: a run
+        # resumed from an epoch's last batch goes on into the next epoch without `on_train_epoch_start`.
+        epoch = trainer.fit_loop.epoch_progress.current.processed
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
         self.batches += 1
 
     def state_dict(self) -> dict:
@@ -92,7 +90,7 @@ class RandomState(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-        self._resumed_epoch, self._pending = self.epoch, list(state["ranks"])
+        self._pending = list(state["ranks"])
         self.order.resume_at(self.epoch, self.batches * self.batch_size)
 
 
