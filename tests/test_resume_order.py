@@ -34,6 +34,10 @@ class RowRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
+class Killed(Exception):
+    """The kill a stop stands for (SIGKILL: no shutdown, nothing written after the last checkpoint)."""
+
+
 class StopBefore(L.Callback):
     """A kill after `step`'s checkpoint: raised at the start of the step after it."""
 
@@ -42,7 +46,7 @@ class StopBefore(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            raise Killed(f"at step {self.step}")
 
 
 def train(checkpoints, seen: list, resume: bool, stop: int | None = None) -> None:
@@ -64,7 +68,7 @@ def test_a_run_stopped_and_resumed_trains_the_rows_of_the_run_never_stopped(tmp_
 
     stopped: list = []
     for i, step in enumerate(stops):
-        with pytest.raises(SystemExit):  # Lightning's answer to the interrupt: a clean shutdown, then exit
+        with pytest.raises(Killed):
             train(tmp_path / "stopped", stopped, resume=i > 0, stop=step)
         assert len(stopped) == step, f"stopped at {stops}: the run before step {step} trained {len(stopped)} steps"
     train(tmp_path / "stopped", stopped, resume=True)

@@ -24,8 +24,8 @@ ARGS = ["model=tiny_sana", f"trainer.max_steps={STEPS}", "data.num_prompts=16", 
 
 
 def checkpoint_step(path: Path) -> int:
-    try:
-        return load_checkpoint(path, mapped=True)["global_step"]
+    try:  # read whole, not memory-mapped: a mapped read opens the file twice, and it may be replaced in between
+        return load_checkpoint(path)["global_step"]
     except (ValueError, FileNotFoundError, KeyError):
         return -1  # not written yet, or being replaced
 
@@ -36,11 +36,15 @@ def stop_at(run: Path, step: int, how: signal.Signals, cache_dir: Path) -> subpr
     step = max(step, checkpoint_step(run / "checkpoints" / LAST) + 1)
     process = subprocess.Popen([*train_command(), *ARGS, f"hydra.run.dir={run}"], cwd=run.parent,
                                env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while process.poll() is None and checkpoint_step(run / "checkpoints" / LAST) < step and time.time() < deadline:
+    deadline, seen = time.time() + 600, -1
+    while process.poll() is None and (seen := checkpoint_step(run / "checkpoints" / LAST)) < step \
+            and time.time() < deadline:
         time.sleep(0.02)
+    ended_before = process.poll()
     process.send_signal(how)
     stdout, stderr = process.communicate(timeout=120)
+    assert ended_before is None, (f"the run ended (exit {ended_before}) before its stop at step {step}; last.ckpt "
+                                  f"was last read at step {seen}: {stderr[-2000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
