@@ -20,7 +20,7 @@ from tqdm import tqdm
 LOG_EVERY_S = 300.0  # redirected: a long stage still says something every five minutes
 MILESTONES = 4  # redirected: a line at each quarter of the work...
 MIN_GAP_S = 30.0  # ...that comes at least this long after the last one: a short stage is its start and end
-HOLD_START_S = 2.0  # redirected: the start line of a stage still running after this long (shorter: its end alone)
+HOLD_START_S = 30.0  # redirected: a stage still running after this long writes its start line (shorter: its end alone)
 
 
 def _duration(seconds: float) -> str:
