@@ -133,6 +133,30 @@ def test_an_export_naming_an_unknown_transformer_class_imports_nothing(tmp_path,
     assert not marker.exists(), "the module the file named was imported"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "side_effect.Model"])
+def test_a_diffusers_folder_naming_a_class_fraqat_does_not_know_is_refused_and_imports_nothing(tmp_path, cache_dir,
+                                                                                               class_name):
+    """A folder's config.json chooses no class: a real diffusers class that no model config names is refused as
+    a module on the path is, before any weight is read."""
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "imported"
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "side_effect.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Model: ...\n")
+    folder = tmp_path / "student"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    save_file({"w": torch.zeros(2)}, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    env = cli_env(cache_dir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "lib"), env.get("PYTHONPATH")]))
+    result = subprocess.run([str(Path(sys.executable).parent / "fraqat-eval"), f"ckpt={folder}", "logger=none"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    error = one_error(result, "fraqat-eval")
+    assert f"transformer_class='diffusers.{class_name}'" in error and "diffusers.SanaTransformer2DModel" in error
+    assert not marker.exists(), "the module the folder named was imported"
+
+
 # --- the allow-list itself ------------------------------------------------------------------------------------
 
 
