@@ -30,12 +30,19 @@ def checkpoint_step(path: Path) -> int:
         return -1  # not written yet, or being replaced
 
 
+def interruptible() -> None:
+    """Ctrl-C's default in the child: a suite started in the background (`make test-all &`) runs with SIGINT
+    ignored, which every child inherits, and Python then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_at(run: Path, step: int, how: signal.Signals, cache_dir: Path) -> subprocess.CompletedProcess:
     """Start the run (resuming it) and send `how` once its last.ckpt has reached `step` and this process has written
     one: the run before may have gone past `step` before its kill landed, and a signal during start-up is no stop."""
     step = max(step, checkpoint_step(run / "checkpoints" / LAST) + 1)
     process = subprocess.Popen([*train_command(), *ARGS, f"hydra.run.dir={run}"], cwd=run.parent,
-                               env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     deadline, seen = time.time() + 600, -1
     while process.poll() is None and (seen := checkpoint_step(run / "checkpoints" / LAST)) < step \
             and time.time() < deadline:
