@@ -47,6 +47,7 @@ class Progress:
         self._lock, self._start_timer, self._start_written = threading.Lock(), None, False
         if not self.enabled:
             return
+        self._skip_milestones()  # a resumed stage: the quarters already done are not announced
         if getattr(self.stream, "isatty", lambda: False)():
             self._bar = tqdm(total=total, initial=initial, desc=label, unit=unit, file=self.stream,
                              dynamic_ncols=True, leave=True)
@@ -103,7 +104,6 @@ class Progress:
             if self._start_written:
                 return
             self._start_written = True
-            self._skip_milestones()
             self._line(f"{self.initial}/{self.total} {self.unit}" + (" (resumed)" if self.initial else ""))
 
     def _skip_milestones(self) -> None:
