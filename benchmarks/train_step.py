@@ -7,8 +7,16 @@ and the peak memory of each kind of step, each measured in a fresh process
 (on CPU, resident memory sampled every ms above its level before the steps; on a
 GPU, `torch.cuda.max_memory_allocated`).
 
+With --compile, the compiled student instead (`compile.enabled=true`: its blocks under torch.compile, inductor),
+four distillation steps interleaved (eager and compiled, W4A8 and full precision), the teacher eager in all as
+in training:
+  compiled W4A8 step / compiled step of the same student at full precision   (target <= 1.10)
+  compiled W4A8 step / eager W4A8 step                                       (target <= 0.8 at "larger")
+and the seconds the first steps took to compile.
+
     python benchmarks/train_step.py            # the "larger" Sana (~5 M parameters)
     python benchmarks/train_step.py --smoke    # tiny model, seconds
+    python benchmarks/train_step.py --compile  # compiled against eager, "larger"
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from hydra.utils import instantiate
 from fraqat_cli.models.conditioning import conditioning_of
 from fraqat_cli.models.families import SanaFamily
 from fraqat_cli.models.noise import FlowMatchingNoise
+from fraqat_cli.quant import set_activation_bits, set_weight_bits
 from fraqat_cli.student.build import build_student
+from fraqat_cli.train.compiled import compile_blocks
 from fraqat_cli.train.distill import DistillationModule
 from fraqat_cli.train.optimizers import adamw
 
@@ -177,15 +187,71 @@ def measure(size: str, reps: int, device: str) -> dict:
     return median
 
 
+def measure_compiled(size: str, reps: int, device: str) -> dict:
+    """Median phase times of the student eager and compiled, each fake-quantized and at full precision (weights
+    and activations at 32 bits: the same model without fake quantizers), interleaved; and each compile's time."""
+    module, _, batch = build(size, device)
+    module.student.to(device)
+    arms = {"eager": module}
+    for name in ("eager_fp", "compiled", "compiled_fp"):
+        arm = DistillationModule(module.teacher, copy.deepcopy(module.student), module.family, module.noise,
+                                 optimizer=partial(adamw, lr=1e-5), trainable=["*"])  # the same teacher
+        if name.endswith("_fp"):
+            set_weight_bits(arm.student, None)
+            set_activation_bits(arm.student, None)
+        if name.startswith("compiled"):
+            compile_blocks(arm.student, (type(arm.student.transformer_blocks[0]),))
+        arms[name] = arm
+    optimizers = {name: torch.optim.AdamW([p for p in arm.student.parameters() if p.requires_grad], lr=1e-5)
+                  for name, arm in arms.items()}
+    warm_up = {}
+    for name, arm in arms.items():  # the compiles happen here: forward and backward graphs, the first 2 steps
+        start = time.perf_counter()
+        for _ in range(2):
+            distillation_phases(arm, batch, optimizers[name], device)
+        warm_up[name] = time.perf_counter() - start
+    steps = {name: [] for name in arms}
+    for _ in range(reps):  # interleaved, so machine noise hits all four alike
+        for name, arm in arms.items():
+            steps[name].append(distillation_phases(arm, batch, optimizers[name], device))
+    median = {name: {k: statistics.median(p[k] for p in phases) for k in phases[0]} for name, phases in steps.items()}
+    return {"median": median, "warm_up": warm_up,
+            "params": sum(p.numel() for p in module.student.parameters())}
+
+
+def report_compiled(size: str, reps: int, device: str) -> None:
+    m = measure_compiled(size, reps, device)
+    median, warm = m["median"], m["warm_up"]
+    print(f"Sana '{size}' ({m['params'] / 1e6:.2f} M params), device {device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, median of {reps} interleaved steps")
+    phases = ("teacher_forward", "student_forward", "backward_and_step", "step")
+    print(f"| student | {' | '.join(f'{p}, ms' for p in phases)} | first 2 steps (compile), s |")
+    print(f"|---|{'---|' * len(phases)}---|")
+    for name in ("eager", "eager_fp", "compiled", "compiled_fp"):
+        print(f"| {name} | {' | '.join(f'{1000 * median[name][p]:.1f}' for p in phases)} | {warm[name]:.1f} |")
+    print()
+    qat_over_fp = median["compiled"]["step"] / median["compiled_fp"]["step"]
+    over_eager = median["compiled"]["step"] / median["eager"]["step"]
+    print(f"eager W4A8 / eager fp         = {median['eager']['step'] / median['eager_fp']['step']:.3f}")
+    print(f"compiled W4A8 / compiled fp   = {qat_over_fp:.3f}   (target <= 1.10: "
+          f"{'met' if qat_over_fp <= 1.10 else 'MISSED'})")
+    print(f"compiled W4A8 / eager W4A8    = {over_eager:.3f}   (target <= 0.8: "
+          f"{'met' if over_eager <= 0.8 else 'MISSED'})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, few repetitions")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--size", choices=sorted(SIZES), default="larger")
+    parser.add_argument("--compile", action="store_true", help="the compiled student against the eager one")
     parser.add_argument("--memory-of", choices=["distill", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size, reps = ("tiny", 2) if args.smoke else (args.size, args.reps)
+    if args.compile:
+        report_compiled(size, reps, device)
+        return
     if args.memory_of:
         print(json.dumps({"peak_mib": peak_memory_mib(size, args.memory_of, device)}))
         return

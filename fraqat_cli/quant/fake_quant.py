@@ -80,9 +80,17 @@ def _grouped_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], length // spec.group_size, spec.group_size)
 
 
+def grid_of(bits: float, spec: QuantSpec) -> tuple[float, int, int]:
+    """(levels, lowest code, highest code) at `bits`: levels is what the range is divided into, 2^(b-1) - 1
+    symmetric and 2^b asymmetric; the codes are `code_range`'s. Python numbers, so eager code never reads a
+    device; `quant/traced.py` computes the same three as tensors from the `bits` buffer, for torch.compile."""
+    lo_code, hi_code = code_range(bits, spec.symmetric, spec.rounding)
+    return (2.0 ** (bits - 1) - 1 if spec.symmetric else 2.0**bits), lo_code, hi_code
+
+
 def _codes_view(
     view: torch.Tensor,
-    bits: float,
+    grid: tuple,
     spec: QuantSpec,
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
@@ -90,6 +98,7 @@ def _codes_view(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Integer codes (as floats) of a float32/float64 view whose last dimension shares one scale.
 
+    `grid`: `grid_of(bits, spec)`, as numbers or as 0-d tensors (the same arithmetic either way).
     Returns (codes, scale, offset, mask): the dequantized value is `codes * scale (+ offset)`, which
     is exactly what `_quantize_view` returns, so exported integer codes reproduce the fake-quantized
     tensor bit for bit. `offset` is None for the symmetric range.
@@ -98,13 +107,12 @@ def _codes_view(
     one full-size allocation; every later pass works in place on it. max|x| comes
     from amax and amin rather than abs(), which would allocate another copy.
     """
-    lo_code, hi_code = code_range(bits, spec.symmetric, spec.rounding)
+    levels, lo_code, hi_code = grid
     if scale is not None:
         return _codes_at_scale(view, scale, spec, want_mask, (lo_code, hi_code))
     if spec.scale_dtype == "float16":
-        return _codes_on_half_grid(view, bits, spec, value_range, want_mask, (lo_code, hi_code))
+        return _codes_on_half_grid(view, grid, spec, value_range, want_mask)
     if spec.symmetric:
-        levels = 2.0 ** (bits - 1) - 1
         if value_range is None:
             low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
@@ -113,7 +121,6 @@ def _codes_view(
         ratio = torch.div(view, span)  # (..., G) in [-1, 1] for in-range values
         offset = None
     else:
-        levels = 2.0**bits
         if value_range is None:
             low, high = view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)
         else:
@@ -132,22 +139,22 @@ def _on_half_grid(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-HALF_MAX, HALF_MAX).to(torch.float16).to(t.dtype)
 
 
-def _codes_on_half_grid(view, bits, spec, value_range, want_mask, bounds):
+def _codes_on_half_grid(view, grid, spec, value_range, want_mask):
     """`_codes_view` for `scale_dtype="float16"`: the scale span/levels (and the asymmetric offset, the range's
     minimum) rounded to float16 first, the codes then taken against it: round(x / scale), clamped as usual.
     codes * scale is exact in float32 for codes of up to 13 bits (times an 11-bit mantissa: 24 bits; GGUF's go
     to 8), so a reader that multiplies the same fp16 scale by the same code in float32 gets the student's weight
     bit for bit (and adds the same fp16 offset in float32, as `dequantize_codes` does)."""
-    lo_code, hi_code = bounds
+    levels, lo_code, hi_code = grid
     low, high = (view.amin(dim=-1, keepdim=True), view.amax(dim=-1, keepdim=True)) if value_range is None \
         else (v.to(view.dtype) for v in value_range)
     if spec.symmetric:
-        levels, offset = 2.0 ** (bits - 1) - 1, None
+        offset = None
         span = torch.maximum(low.abs(), high.abs()).clamp_min_(SMALLEST_SPAN)
         scale = _on_half_grid(span / levels).clamp_min_(HALF_TINIEST)
         codes = torch.div(view, scale)  # (..., G)
     else:
-        levels, offset = 2.0**bits, _on_half_grid(low)
+        offset = _on_half_grid(low)
         scale = _on_half_grid((high - low).clamp_min_(SMALLEST_SPAN) / levels).clamp_min_(HALF_TINIEST)
         codes = torch.sub(view, offset).div_(scale)  # (..., G)
     codes = codes.floor_() if spec.rounding == "floor" else codes.round_()
@@ -169,14 +176,14 @@ def _codes_at_scale(view, scale, spec, want_mask, bounds):
 
 def _quantize_view(
     view: torch.Tensor,
-    bits: float,
+    grid: tuple,
     spec: QuantSpec,
     value_range: tuple[torch.Tensor, torch.Tensor] | None,
     want_mask: bool,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fake-quantize a view whose last dimension shares one scale: its codes, dequantized in place."""
-    codes, scale, offset, mask = _codes_view(view, bits, spec, value_range, want_mask, scale)
+    codes, scale, offset, mask = _codes_view(view, grid, spec, value_range, want_mask, scale)
     out = codes.mul_(scale)
     if offset is not None:
         out = out.add_(offset)
@@ -202,7 +209,7 @@ def quantize_to_codes(
         raise ValueError(f"per-channel and per-group codes need a 2-D weight; got shape {tuple(x.shape)}")
     view = _grouped_view(x.detach().float(), spec)
     fixed = scale.detach().float() if scale is not None else None
-    codes, scale, offset, _ = _codes_view(view, bits, spec, None, want_mask=False, scale=fixed)
+    codes, scale, offset, _ = _codes_view(view, grid_of(bits, spec), spec, None, want_mask=False, scale=fixed)
     shape = (1,) if spec.granularity == "per_tensor" else tuple(view.shape[:-1])
     flat = lambda t: t.reshape(shape).float().contiguous()  # noqa: E731
     return codes.reshape(x.shape).to(torch.int32), flat(scale), (flat(offset) if offset is not None else None)
@@ -266,12 +273,17 @@ def fake_quantize_spec(
     if value_range is not None and spec.granularity != "per_tensor":
         raise ValueError(f"a fixed value_range needs granularity 'per_tensor'; got {spec.granularity!r}")
     _grouped_view(x, spec)  # validate the grouping before entering autograd
+    grid = grid_of(bits, spec)
+    return StraightThrough.apply(x, lambda t, want_mask: quantize_in_place(t, grid, spec, value_range, want_mask,
+                                                                           scale), clip_gradient)
 
-    def quantize(t: torch.Tensor, want_mask: bool):
-        compute = t if t.dtype == torch.float64 else t.float()
-        fixed = scale.detach().to(compute.dtype) if scale is not None else None
-        out, mask = _quantize_view(_grouped_view(compute, spec), bits, spec, value_range, want_mask, fixed)
-        out = out.reshape(t.shape).to(t.dtype)
-        return out, (mask.reshape(t.shape) if mask is not None else None)
 
-    return StraightThrough.apply(x, quantize, clip_gradient)
+def quantize_in_place(t: torch.Tensor, grid: tuple, spec: QuantSpec, value_range, want_mask: bool,
+                      scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fake-quantized `t`, in-range mask or None): the forward of `fake_quantize_spec` at `grid` (`grid_of`),
+    computed in float32 (float64 kept) and returned in `t`'s dtype and shape; no gradient is formed here."""
+    compute = t if t.dtype == torch.float64 else t.float()
+    fixed = scale.detach().to(compute.dtype) if scale is not None else None
+    out, mask = _quantize_view(_grouped_view(compute, spec), grid, spec, value_range, want_mask, fixed)
+    out = out.reshape(t.shape).to(t.dtype)
+    return out, (mask.reshape(t.shape) if mask is not None else None)

@@ -21,6 +21,7 @@ from fraqat_cli.quant.fake_quant import (
 )
 from fraqat_cli.quant.scales import learned_fake_quantize, levels, mse_clip_ratio
 from fraqat_cli.quant.spec import PASS_THROUGH_BITS, QuantSpec, validate_bits
+from fraqat_cli.quant.traced import traced_fake_quantize, traced_grid, traced_learned_quantize
 
 # The paper's static activation range: mean +- 3 standard deviations over the calibration set.
 CALIBRATION_STDS = 3.0
@@ -57,6 +58,10 @@ class FakeQuantizer(nn.Module):
       stays where it is and only the step inside it changes, as the `max` scale's does.
     - `mse`: the buffer `clip_ratio`, searched from the weight the first time the quantizer runs at a new
       bit-width and fixed until the next change; the scale is clip_ratio * max|W| / levels at every step.
+
+    Under torch.compile (`compiled` below) the forward reads the bit-width from the buffer instead, and what it
+    branches on is kept in plain bools (`_active`, `_stale`) that change only at full precision's edge and, for
+    `mse`, once per bit change: dynamo guards on those, never on the bit-width's value.
     """
 
     def __init__(self, spec: QuantSpec, bits: float | None, clip_gradient: bool = False,
@@ -76,6 +81,7 @@ class FakeQuantizer(nn.Module):
                 self.register_buffer("clip_ratio", nan)
             self.register_buffer("scale_bits", torch.tensor(float("nan")))
         self._scale_bits = float("nan")
+        self._note_state()
 
     @property
     def current_bits(self) -> float:
@@ -91,10 +97,18 @@ class FakeQuantizer(nn.Module):
             self._set_scale_bits(new)
         self.bits.fill_(bits)
         self._bits = new
+        self._note_state()
 
     def _set_scale_bits(self, bits: float) -> None:
         self.scale_bits.fill_(bits)
         self._scale_bits = bits
+        self._note_state()
+
+    def _note_state(self) -> None:
+        """Keep the bools the compiled forward branches on in step with the bit-widths: `_active` (not full
+        precision) and `_stale` (an `mse` clip ratio searched at another bit-width, searched again before use)."""
+        self._active = self._bits < PASS_THROUGH_BITS
+        self._stale = self.spec.scale == "mse" and self._active and self._scale_bits != self._bits
 
     @torch.no_grad()
     def init_scale(self, matrix: torch.Tensor) -> None:
@@ -117,20 +131,22 @@ class FakeQuantizer(nn.Module):
         self._bits = validate_bits(float(self.bits))
         if self.spec.scale != "max":
             self._scale_bits = float(self.scale_bits)
+        self._note_state()
 
-    def scale_of(self, matrix: torch.Tensor) -> torch.Tensor | None:
+    def scale_of(self, matrix: torch.Tensor, top: float | torch.Tensor | None = None) -> torch.Tensor | None:
         """The scale the codes of `matrix` are taken at, shaped as `quantize_to_codes` returns it (None: max).
-        `mse`: searched first if the bit-width changed since the last search."""
+        `mse`: searched first if the bit-width changed since the last search; its scale is clip_ratio * max|W| /
+        `top` (default: levels at the current bits; the compiled forward passes them as a tensor)."""
         if self.spec.scale == "max":
             return None
         if self.spec.scale == "learned":
             scale = self.scale.clamp_min(SMALLEST_SPAN)
         else:
-            if self._scale_bits != self._bits:
-                self.init_scale(matrix)
+            if self._stale:
+                _search_outside_graph(self, matrix)
             view = _grouped_view(matrix.detach().float(), self.spec)
             span = view.abs().amax(dim=-1).clamp_min_(SMALLEST_SPAN).reshape(self.clip_ratio.shape)
-            scale = self.clip_ratio * span / levels(self._bits)
+            scale = self.clip_ratio * span / (levels(self._bits) if top is None else top)
         if self.spec.scale_dtype == "float16":  # on the fp16 grid, the gradient passing straight through
             scale = scale + (_on_half_grid(scale).clamp_min(HALF_TINIEST) - scale).detach()
         return scale
@@ -144,6 +160,8 @@ class FakeQuantizer(nn.Module):
             return quantize_to_codes(matrix, bits, self.spec, scale=self.scale_of(matrix))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.compiled(x)
         if self.spec.scale == "max" or self._bits >= PASS_THROUGH_BITS:
             return fake_quantize_spec(x, self._bits, self.spec, clip_gradient=self.clip_gradient)
         scale = self.scale_of(x)
@@ -153,8 +171,30 @@ class FakeQuantizer(nn.Module):
         out = learned_fake_quantize(view, scale.reshape(*view.shape[:-1], 1), self._bits, self.spec.rounding)
         return out.reshape(x.shape).to(x.dtype)
 
+    def compiled(self, x: torch.Tensor, value_range: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """The forward as torch.compile traces it (quant/traced.py): the same values, the bit-width a tensor."""
+        if not self._active:
+            return x
+        if self.spec.scale == "learned":
+            view = _grouped_view(x.float(), self.spec)
+            scale = self.scale_of(x).reshape(*view.shape[:-1], 1)
+            return traced_learned_quantize(view, scale, self.bits, self.spec.rounding).reshape(x.shape).to(x.dtype)
+        scale = None
+        if self.spec.scale == "mse":
+            scale = self.scale_of(x, top=traced_grid(self.bits, self.spec, torch.float32)[0])
+        return traced_fake_quantize(x, self.bits, self.spec, value_range=value_range,
+                                    clip_gradient=self.clip_gradient, scale=scale)
+
     def extra_repr(self) -> str:
         return f"bits={self._bits:g}, {self.spec}"
+
+
+@torch.compiler.disable
+def _search_outside_graph(quantizer: FakeQuantizer, matrix: torch.Tensor) -> None:
+    """`init_scale` run eagerly even from a compiled forward: the search loops over 81 clip ratios at a Python
+    bit-width, once per bit change, which is no graph to compile (dynamo breaks the graph here on that step)."""
+    quantizer.init_scale(matrix)
 
 
 class ActivationQuantizer(FakeQuantizer):
@@ -174,6 +214,7 @@ class ActivationQuantizer(FakeQuantizer):
         self.register_buffer("range_max", torch.tensor(float("nan")))
         self.calibrating = False
         self._moments = None  # running (count, sum, sum of squares) while calibrating
+        self._has_range = False  # `calibrated` as a plain bool, for the compiled forward to branch on
 
     @property
     def calibrated(self) -> bool:
@@ -181,15 +222,17 @@ class ActivationQuantizer(FakeQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self._observe(x)
+            _observe_outside_graph(self, x)
             return x
         if not self.static:
             return super().forward(x)
-        if not self.calibrated:
+        if not (self._has_range if torch.compiler.is_compiling() else self.calibrated):
             raise RuntimeError(
                 "static activation quantization needs calibration first: "
                 "run calibration batches inside fraqat_cli.quant.calibrate_activations(model)"
             )
+        if torch.compiler.is_compiling():
+            return self.compiled(x, value_range=(self.range_min, self.range_max))
         return fake_quantize_spec(
             x, self._bits, self.spec, value_range=(self.range_min, self.range_max), clip_gradient=True
         )
@@ -211,6 +254,17 @@ class ActivationQuantizer(FakeQuantizer):
         self.range_max.fill_(float(mean + CALIBRATION_STDS * std))
         self._moments = None
         self.calibrating = False
+        self._has_range = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._has_range = self.calibrated
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", static" if self.static else ", dynamic")
+
+
+@torch.compiler.disable
+def _observe_outside_graph(quantizer: ActivationQuantizer, x: torch.Tensor) -> None:
+    """Calibration's running moments are Python state: kept eagerly even when the block is compiled."""
+    quantizer._observe(x)

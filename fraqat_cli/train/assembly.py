@@ -13,11 +13,13 @@ from torch.utils.data import default_collate
 from fraqat_cli.cli import instantiate_or_raise
 from fraqat_cli.data.conditioning import conditioning_store
 from fraqat_cli.data.sources import ConditionedLatents
+from fraqat_cli.models.architecture import block_classes
 from fraqat_cli.models.conditioning import Conditioning
 from fraqat_cli.models.loading import load_model
 from fraqat_cli.student.build import build_student
 from fraqat_cli.student.lora import lora_from_config
 from fraqat_cli.train.attention_backends import attention_backends
+from fraqat_cli.train.compiled import compile_blocks
 from fraqat_cli.train.distill import DistillationModule
 from fraqat_cli.train.rng_state import TrainingOrder
 from fraqat_cli.train.validation import split_rows
@@ -81,10 +83,20 @@ def distillation_module(cfg: DictConfig, data: TrainingData, schedule):
         optimizer=instantiate_or_raise(cfg.optim),
         trainable=cfg.trainable.patterns, feature_loss_weight=cfg.feature_loss_weight,
         record={"schedule": repr(schedule)}, attention_backends=attention_backends(cfg.attention_backends),
+        compile_student=student_compiler(cfg),
     )
     if cfg.quantizer.static_activations:
         module.calibration_batches = first_batches(data.dataset, data.batch_size, cfg.quantizer.calibration_batches)
     return module, summary
+
+
+def student_compiler(cfg: DictConfig):
+    """`compile_blocks` bound to `cfg.compile`'s options and the model's block classes; None when it is off."""
+    options = cfg.get("compile")
+    if options is None or not options.enabled:
+        return None
+    classes = block_classes(cfg.model)
+    return lambda student: compile_blocks(student, classes, backend=options.backend, mode=options.mode)
 
 
 def first_batches(dataset, batch_size: int, count: int) -> list[dict]:

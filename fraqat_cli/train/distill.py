@@ -34,6 +34,8 @@ class DistillationModule(L.LightningModule):
     calibration_batches: batches that static activation quantizers are calibrated on before the first step.
     attention_backends: the SDPA kernels teacher and student may use (`fraqat_cli.train.attention_backends`);
     None: torch's choice.
+    compile_student: called with the student once it is sharded (`fraqat_cli.train.compiled.compile_blocks`,
+    bound to its options); None: the student runs eagerly.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class DistillationModule(L.LightningModule):
         record: dict | None = None,
         calibration_batches: list[dict] | None = None,
         attention_backends=None,
+        compile_student=None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -61,16 +64,20 @@ class DistillationModule(L.LightningModule):
         self.record = record or {}  # plain containers (resolved config, schedule) saved in checkpoints
         self.calibration_batches = calibration_batches or []  # static activation ranges are measured on these
         self.attention_backends = attention_backends
+        self.compile_student = compile_student
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
     def configure_model(self) -> None:
-        """A sharding strategy (`fraqat_cli.train.sharding`) splits the student here; the others need nothing."""
+        """A sharding strategy (`fraqat_cli.train.sharding`) splits the student here; the others need nothing.
+        Then the student's blocks are compiled, when asked: around the shards, so their hooks stay eager."""
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self.student)
+        if self.compile_student is not None:
+            self.compile_student(self.student)
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)

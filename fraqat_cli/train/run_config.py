@@ -18,10 +18,10 @@ from fraqat_cli.student.checkpoint import stored_run
 from fraqat_cli.train.sweep import METRICS_FILE
 
 # Keys (and key prefixes) that do not change the trained student: where things go, how often they are saved or
-# drawn, how progress is reported, what stops a diverging run, and memory-for-compute trades.
+# drawn, how progress is reported, what stops a diverging run, and memory-for-compute and compile-for-speed trades.
 NOT_TRAINING = (
     "logger", "logger_run_name", "last_run_link", "callbacks", "resume", "cache_dir", "run_name", "checkpoint",
-    "sample_every_n_steps", "num_sample_images", "gradient_checkpointing",
+    "sample_every_n_steps", "num_sample_images", "gradient_checkpointing", "compile",
     "divergence", "validation.every_n_steps", "data.num_workers", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.enable_checkpointing", "trainer.enable_model_summary", "print_json",
 )
