@@ -2,7 +2,8 @@
 flash: what `attention_backends` (which leaves cuDNN out, docs/real-models.md) costs.
 
 Random inputs do not reproduce cuDNN's NaN gradients (they come with FLUX's own normalised, rotated
-queries and keys); `attention_backends=null` on tiny FLUX at bf16-mixed does (`scripts/gpu_check.sh`).
+queries and keys); `attention_backends=null` on tiny FLUX at bf16-mixed does, and `scripts/gpu_check.sh`'s
+`flux-nan` stage trains one real-width FLUX block of each kind that way to learn whether the real width does.
 
     python benchmarks/attention_backends.py            # CUDA only; prints times and ratios measured in one run
 """

@@ -20,6 +20,14 @@ bytes in memory and the peak RSS growth of loading plus one step.
     python benchmarks/deploy_runtime.py           # toy, 7 M PixArt, a width-1024 PixArt, layer sweep, diffusers
     python benchmarks/deploy_runtime.py --smoke   # a tiny PixArt and a tiny FLUX, 3 reps, seconds
     python benchmarks/deploy_runtime.py --section diffusers   # the diffusers runtimes only (toy, a 512-wide FLUX)
+    python benchmarks/deploy_runtime.py --section diffusers --model pixart_sigma --layers 28 --resolution 512 \
+        --device cuda --compile     # a conf/model preset at its real width (random weights), on a GPU, and the
+                                    # torchao folder again under torch.compile (scripts/gpu_check.sh)
+
+With `--model` the transformer is the preset's real architecture (`architecture:`, random weights, `--layers`
+blocks of each kind); PixArt has no GGUF loader in diffusers (`format=gguf` refuses it), so its rows have no (g):
+measure GGUF on `--model flux_schnell` or `sd35_medium`. On `--device cuda` memory is the peak of
+`torch.cuda.max_memory_allocated` over loading plus one step, and times are synchronized.
 
 Targets (issue 13): (d)'s resident weights at most 0.35x (b)'s; at width >= 1024, (d)'s latency at most 0.7x (b)'s.
 """
@@ -227,7 +235,42 @@ def layer_sweep(widths: list[int], tokens: int, reps: int, folder: Path) -> None
 # --- the runtimes users run: diffusers' own loaders -------------------------------------------------------------
 
 DIFFUSERS_VARIANTS = {"bf16": "e: diffusers bf16 teacher", "torchao": "f: torchao folder (format=diffusers)",
-                      "gguf": "g: GGUF (format=gguf)"}
+                      "torchao-compiled": "f+: torchao folder, torch.compile", "gguf": "g: GGUF (format=gguf)"}
+
+
+def preset_model(name: str, layers: int, resolution: int):
+    """(transformer, family, example) for `conf/model/<name>.yaml`'s real architecture with `layers` blocks of
+    each kind (random weights, float32), batch 1 at `resolution` px with the preset's prompt length."""
+    from importlib import resources
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from fraqat_cli.models.architecture import build_transformer
+
+    cfg = OmegaConf.load(resources.files("fraqat_cli.conf") / "model" / f"{name}.yaml")
+    if not cfg.get("architecture"):
+        raise ValueError(f"--model {name!r} has no real architecture; allowed: pixart_sigma, flux_schnell, sd35_medium")
+    model = build_transformer(cfg, device="cpu", dtype=torch.float32, layers=layers)
+    arch, side, tokens = cfg.architecture, resolution // 8, cfg.max_sequence_length  # VAEs downsample 8x
+    torch.manual_seed(0)
+    if "caption_channels" in arch:  # PixArt: T5 embeddings and their mask
+        latents = torch.randn(1, arch.in_channels, side, side)
+        cond = {"prompt_embeds": torch.randn(1, tokens, arch.caption_channels),
+                "prompt_attention_mask": torch.ones(1, tokens)}
+    else:  # FLUX (16 latent channels packed 2x2 into in_channels) and SD3: embeddings and a pooled vector
+        channels = arch.in_channels // 4 if arch.get("patch_size", 2) == 1 else arch.in_channels
+        latents = torch.randn(1, channels, side, side)
+        cond = {"prompt_embeds": torch.randn(1, tokens, arch.joint_attention_dim),
+                "pooled_prompt_embeds": torch.randn(1, arch.pooled_projection_dim)}
+    example = {"latents": latents, "timestep": torch.tensor([500.0]), **cond}
+    return model.eval(), instantiate(cfg.family), example
+
+
+def has_gguf_loader(model) -> bool:
+    from fraqat_cli.export.gguf import ARCHITECTURES
+
+    return type(model).__name__ in ARCHITECTURES
 
 
 def diffusers_model(name: str, width: int, layers: int):
@@ -254,35 +297,40 @@ def diffusers_model(name: str, width: int, layers: int):
     return model.eval(), FluxFamily(), example
 
 
-def write_diffusers_variants(name: str, width: int, layers: int, folder: Path) -> dict:
-    """The three files the variants load, and the transformer's call arguments in bfloat16."""
+def write_diffusers_variants(teacher, family, example, folder: Path) -> dict:
+    """The files the variants load (the GGUF where diffusers has a loader for the class), and the
+    transformer's call arguments in bfloat16."""
     from fraqat_cli.export.diffusers_folder import TRANSFORMER, write_transformer
     from fraqat_cli.export.gguf import write_gguf
     from fraqat_cli.models.conditioning import conditioning_of
     from fraqat_cli.quant import QuantConfig, QuantizedLayer, QuantSpec, quantize_model
 
-    teacher, family, example = diffusers_model(name, width, layers)
-    teacher.to(torch.bfloat16).save_pretrained(str(folder / "bf16" / TRANSFORMER))
+    gguf = has_gguf_loader(teacher)
     student = copy.deepcopy(teacher).float()
+    teacher.to(torch.bfloat16).save_pretrained(str(folder / "bf16" / TRANSFORMER))
     quantize_model(student, QuantConfig(weight=QuantSpec("per_group", 32), weight_bits=4, include=("*",)))
     quantized = {n: m for n, m in student.named_modules() if isinstance(m, QuantizedLayer)}
     write_transformer(student, quantized, folder / "torchao" / TRANSFORMER, torch.bfloat16, {})
-    write_gguf(student, family, example, folder / "student.gguf", "diffusers", "bfloat16", {}, "the student")
+    if gguf:
+        write_gguf(student, family, example, folder / "student.gguf", "diffusers", "bfloat16", {}, "the student")
     kwargs = family.transformer_kwargs(example["latents"], example["timestep"], conditioning_of(example))
     low = lambda v: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
     torch.save({k: low(v) for k, v in kwargs.items()}, folder / "inputs.pt")
     params = sum(p.numel() for p in teacher.parameters())
-    return {"params": params, "file_bytes": {"bf16": _folder_bytes(folder / "bf16"),
-                                             "torchao": _folder_bytes(folder / "torchao"),
-                                             "gguf": (folder / "student.gguf").stat().st_size}}
+    sizes = {"bf16": _folder_bytes(folder / "bf16"), "torchao": _folder_bytes(folder / "torchao")}
+    sizes["torchao-compiled"] = sizes["torchao"]
+    if gguf:
+        sizes["gguf"] = (folder / "student.gguf").stat().st_size
+    return {"params": params, "file_bytes": sizes}
 
 
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def load_variant(variant: str, folder: Path):
-    """`variant`'s transformer through diffusers' own loader, in bfloat16."""
+def load_variant(variant: str, folder: Path, device: str = "cpu"):
+    """`variant`'s transformer through diffusers' own loader, in bfloat16, on `device`; `torchao-compiled` is
+    the torchao folder under `torch.compile` (compiled at its first call)."""
     import diffusers
 
     config = json.loads((folder / "bf16" / "transformer" / "config.json").read_text())
@@ -290,12 +338,29 @@ def load_variant(variant: str, folder: Path):
     if variant == "gguf":
         quantization = diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
         return cls.from_single_file(str(folder / "student.gguf"), config=str(folder / "bf16"), subfolder="transformer",
-                                    quantization_config=quantization, torch_dtype=torch.bfloat16).eval()
-    return cls.from_pretrained(str(folder / variant), subfolder="transformer", torch_dtype=torch.bfloat16).eval()
+                                    quantization_config=quantization, torch_dtype=torch.bfloat16).to(device).eval()
+    source = "torchao" if variant == "torchao-compiled" else variant
+    model = cls.from_pretrained(str(folder / source), subfolder="transformer", torch_dtype=torch.bfloat16)
+    model = model.to(device).eval()
+    return torch.compile(model) if variant == "torchao-compiled" else model
 
 
-def diffusers_child(variant: str, folder: str) -> None:
-    """In a fresh process: load `variant` and run one step; print its load time, weight bytes and peak RSS growth."""
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def diffusers_child(variant: str, folder: str, device: str = "cpu") -> None:
+    """In a fresh process: load `variant` and run one step; print its load time, first step's time (with
+    compilation, for `torchao-compiled`), weight bytes and peak memory growth (RSS; on CUDA, allocated).
+    A variant that fails prints its error instead: the other rows still come."""
+    try:
+        _diffusers_child(variant, folder, device)
+    except Exception as error:  # noqa: BLE001  reported as the row's error
+        print(json.dumps({"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"}))
+
+
+def _diffusers_child(variant: str, folder: str, device: str) -> None:
     import diffusers
     import gguf  # noqa: F401  imported before the baseline: only the variant itself is measured
     import psutil
@@ -307,33 +372,54 @@ def diffusers_child(variant: str, folder: str) -> None:
     folder = Path(folder)
     config = json.loads((folder / "bf16" / "transformer" / "config.json").read_text())
     getattr(diffusers, config["_class_name"])  # diffusers imports its model classes lazily
-    kwargs = torch.load(folder / "inputs.pt", weights_only=True)
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v
+              for k, v in torch.load(folder / "inputs.pt", weights_only=True).items()}
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the RSS now
     before = psutil.Process().memory_info().rss
+    if device == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    model = load_variant(variant, folder)
+    model = load_variant(variant, folder, device)
+    synchronize(device)
     load = time.perf_counter() - start
+    start = time.perf_counter()
     with torch.no_grad():
         model(**kwargs, return_dict=False)
-    status = Path("/proc/self/status").read_text()
-    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024  # KiB
+    synchronize(device)
+    first = time.perf_counter() - start
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024  # KiB
     weights = sum(_tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
-    print(json.dumps({"load_s": load, "weight_bytes": weights, "rss_mib": (peak - before) / 2**20}))
+    print(json.dumps({"load_s": load, "first_step_s": first, "weight_bytes": weights,
+                      "peak_mib": (peak - before) / 2**20}))
 
 
-def diffusers_steps(folder: Path, reps: int) -> dict[str, float]:
+def diffusers_steps(folder: Path, variants: list[str], reps: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds of one denoiser step per variant, the variants loaded side by side in this process and
-    run in turn each round (interleaved: a busy machine slows all three alike)."""
-    models = {v: load_variant(v, folder) for v in DIFFUSERS_VARIANTS}
-    kwargs = torch.load(folder / "inputs.pt", weights_only=True)
-    times = {v: [] for v in models}
+    run in turn each round (interleaved: a busy machine slows all alike); a variant that fails is left out."""
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v
+              for k, v in torch.load(folder / "inputs.pt", weights_only=True).items()}
+    models = {}
     with torch.no_grad():
-        for model in models.values():  # warm-up
-            model(**kwargs, return_dict=False)
+        for v in variants:
+            try:
+                models[v] = load_variant(v, folder, device)
+                models[v](**kwargs, return_dict=False)  # warm-up (and compilation)
+            except Exception as error:  # noqa: BLE001  its fresh-process row says why
+                models.pop(v, None)
+                print(f"<!-- {v}: {type(error).__name__}: {str(error).strip().splitlines()[0][:160]} -->")
+        times = {v: [] for v in models}
         for _ in range(reps):
             for v, model in models.items():
+                synchronize(device)
                 start = time.perf_counter()
                 model(**kwargs, return_dict=False)
+                synchronize(device)
                 times[v].append(time.perf_counter() - start)
     return {v: statistics.median(t) for v, t in times.items()}
 
@@ -346,30 +432,50 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def compare_diffusers(name: str, width: int, layers: int, reps: int, folder: Path, rounds: int = 3) -> None:
-    folder = folder / f"diffusers-{name}-{width}"
-    facts = write_diffusers_variants(name, width, layers, folder)
-    runs = {v: [] for v in DIFFUSERS_VARIANTS}
+def compare_diffusers(name: str, width: int, layers: int, reps: int, folder: Path, rounds: int = 3,
+                      device: str = "cpu", compiled: bool = False, resolution: int = 256) -> None:
+    """The diffusers runtimes of `name` (toy, flux: a random FLUX of `width`; or a conf/model preset at its real
+    width, `layers` blocks of each kind, at `resolution` px): a markdown table, each variant against (e)."""
+    folder = folder / f"diffusers-{name}-{width}-{layers}"
+    if name in ("toy", "flux"):
+        teacher, family, example = diffusers_model(name, width, layers)
+    else:
+        teacher, family, example = preset_model(name, layers, resolution)
+    gguf = has_gguf_loader(teacher)
+    facts = write_diffusers_variants(teacher, family, example, folder)
+    variants = ["bf16", "torchao"] + (["torchao-compiled"] if compiled else []) + (["gguf"] if gguf else [])
+    runs = {v: [] for v in variants}
     for _ in range(rounds):  # fresh processes for load time and memory, the variants alternating
-        for variant in DIFFUSERS_VARIANTS:
-            command = [sys.executable, __file__, "--diffusers-child", variant, str(folder)]
+        for variant in variants:
+            command = [sys.executable, __file__, "--diffusers-child", variant, str(folder), device]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[variant].append(json.loads(out.strip().splitlines()[-1]))
-    median = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
-    for v, step in diffusers_steps(folder, reps).items():
-        median[v]["step_s"] = step
-    base = median["bf16"]
-    print(f"\n{name}: {facts['params'] / 1e6:.2f} M parameters, W4 per-group 32 (every linear layer), bf16 compute; "
-          f"load and memory: medians of {rounds} fresh processes; step: median of {reps} interleaved rounds")
-    print("| variant | file MiB | of (e) | load s | of (e) | step ms | of (e) | weights MiB | of (e) | peak RSS "
-          "growth MiB | of (e) |")
+    steps = diffusers_steps(folder, variants, reps, device)
+    memory = "peak GPU allocated MiB" if device == "cuda" else "peak RSS growth MiB"
+    print(f"\n{name}: {facts['params'] / 1e6:.2f} M parameters ({layers} block(s) of each kind), W4 per-group 32 "
+          f"(every linear layer), bf16 compute, on {device}; load, first step and memory: medians of {rounds} "
+          f"fresh processes; step: median of {reps} interleaved rounds")
+    if not gguf:
+        print(f"(no (g): diffusers has no GGUF loader for {type(teacher).__name__}; format=gguf refuses it)")
+    print(f"| variant | file MiB | of (e) | load s | first step s | step ms | of (e) | weights MiB | of (e) | {memory} "
+          f"| of (e) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for v, label in DIFFUSERS_VARIANTS.items():
-        m, size = median[v], facts["file_bytes"][v]
-        print(f"| {label} | {size / 2**20:.2f} | {size / facts['file_bytes']['bf16']:.2f} | {m['load_s']:.2f} | "
-              f"{m['load_s'] / base['load_s']:.2f} | {m['step_s'] * 1e3:.1f} | {m['step_s'] / base['step_s']:.2f} | "
-              f"{m['weight_bytes'] / 2**20:.2f} | {m['weight_bytes'] / base['weight_bytes']:.2f} | "
-              f"{m['rss_mib']:.1f} | {m['rss_mib'] / base['rss_mib']:.2f} |", flush=True)
+    medians = {}
+    for v in variants:
+        ok = [r for r in runs[v] if "error" not in r]
+        if not ok or v not in steps:
+            reason = runs[v][0].get("error", "its step failed") if runs[v] else "not run"
+            print(f"| {DIFFUSERS_VARIANTS[v]} | error: {reason} |||||||||||", flush=True)
+            continue
+        medians[v] = {k: statistics.median(r[k] for r in ok) for k in ok[0]} | {"step_s": steps[v]}
+    base = medians.get("bf16")
+    ratio = lambda v, k: f"{medians[v][k] / base[k]:.2f}" if base and base[k] else "-"  # noqa: E731
+    for v, m in medians.items():
+        size = facts["file_bytes"][v]
+        print(f"| {DIFFUSERS_VARIANTS[v]} | {size / 2**20:.2f} | {size / facts['file_bytes']['bf16']:.2f} | "
+              f"{m['load_s']:.2f} | {m['first_step_s']:.2f} | {m['step_s'] * 1e3:.1f} | {ratio(v, 'step_s')} | "
+              f"{m['weight_bytes'] / 2**20:.2f} | {ratio(v, 'weight_bytes')} | {m['peak_mib']:.1f} | "
+              f"{ratio(v, 'peak_mib')} |", flush=True)
 
 
 def main() -> None:
@@ -378,7 +484,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny PixArt (width 128, 1 layer), 3 reps")
     parser.add_argument("--section", choices=("all", "onnx", "diffusers"), default="all")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--diffusers-child", nargs=2, help=argparse.SUPPRESS)  # variant, folder
+    parser.add_argument("--model", help="diffusers section: a conf/model preset at its real width "
+                        "(pixart_sigma, flux_schnell, sd35_medium) instead of the toy and the 512-wide FLUX")
+    parser.add_argument("--layers", type=int, default=1, help="with --model: blocks of each kind")
+    parser.add_argument("--resolution", type=int, default=256, help="with --model: image side in px")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also the torchao folder under torch.compile")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per variant (load, memory)")
+    parser.add_argument("--diffusers-child", nargs=3, help=argparse.SUPPRESS)  # variant, folder, device
     args = parser.parse_args()
     if args.child:
         variant, name, width, layers, graph = args.child
@@ -393,7 +506,16 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
     torch.set_num_threads(1)
+    if args.model:
+        print(f"one denoiser step, batch 1, {args.device}" + (f" ({torch.cuda.get_device_name()})"
+                                                             if args.device == "cuda" else ", one thread"))
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_diffusers(args.model, 0, args.layers, args.reps, Path(tmp), args.rounds, args.device,
+                              args.compile, args.resolution)
+        return
     print("one denoiser step, batch 1, one thread; W4 per-channel A8, every linear layer and 1x1 convolution")
     onnx, in_diffusers = args.section in ("all", "onnx"), args.section in ("all", "diffusers")
     with tempfile.TemporaryDirectory() as tmp:
@@ -402,7 +524,7 @@ def main() -> None:
                 compare_model("pixart", 128, 1, 3, Path(tmp))
                 layer_sweep([128], 32, 3, Path(tmp))
             if in_diffusers:
-                compare_diffusers("flux", 64, 1, 3, Path(tmp), rounds=1)
+                compare_diffusers("flux", 64, 1, 3, Path(tmp), rounds=1, compiled=args.compile)
             return
         if onnx:
             compare_model("toy", 128, 4, args.reps, Path(tmp))
@@ -410,8 +532,9 @@ def main() -> None:
             compare_model("pixart", 1024, 2, max(args.reps // 3, 5), Path(tmp))   # real width, two blocks
             layer_sweep([128, 256, 512, 768, 1024, 2048], 64, args.reps, Path(tmp))
         if in_diffusers:
-            compare_diffusers("toy", 128, 4, args.reps, Path(tmp))
-            compare_diffusers("flux", 512, 2, max(args.reps // 3, 5), Path(tmp))   # 2 double + 4 single blocks
+            compare_diffusers("toy", 128, 4, args.reps, Path(tmp), args.rounds, compiled=args.compile)
+            # 2 double + 4 single blocks
+            compare_diffusers("flux", 512, 2, max(args.reps // 3, 5), Path(tmp), args.rounds, compiled=args.compile)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from fraqat_cli.cli import instantiate_or_raise, quiet_console, quiet_lightning,
 from fraqat_cli.evaluate.clip_score import load_clip
 from fraqat_cli.evaluate.comparison import comparison_table, write_comparison
 from fraqat_cli.evaluate.evaluator import Evaluator
-from fraqat_cli.evaluate.fid_features import fid_feature_extractor
+from fraqat_cli.evaluate.fid_features import PLUMBING, fid_feature_extractor
 from fraqat_cli.evaluate.targets import resolve_targets
 from fraqat_cli.files import atomic_write
 from fraqat_cli.loggers import finish_run, make_logger
@@ -50,12 +50,15 @@ CSV_COLUMNS = (
     "images_dir",
     "digest",
     "protocol",
+    "plumbing_check",   # fid.inception=plumbing: the note, and its stand-in distance (never in `fid`)
+    "plumbing_fid",
 )
 # A row stands for one model measured one way: a result with the same values replaces it.
 ROW_KEY = ("label", "checkpoint", "digest", "protocol")
 
 # logged and printed, when present
-SUMMARY_METRICS = ("fid", "kid", "clip_score", "clip_fid", "fid_val", "attribute_accuracy")
+SUMMARY_METRICS = ("fid", "kid", "clip_score", "clip_fid", "fid_val", "attribute_accuracy", "plumbing_fid",
+                   "plumbing_kid")
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -69,6 +72,9 @@ def check_settings(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"reference_dir={cfg.reference_dir!r} is not a folder of reference images")
     for name in ("batch_size", "grid_size"):
         positive_int(name, cfg[name])
+    if cfg.fid.inception == "plumbing" and cfg.reference_stats:
+        raise ValueError("fid.inception=plumbing cannot use reference_stats (they hold Inception features); "
+                         "use reference=teacher or reference_dir=DIR")
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
@@ -83,6 +89,9 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     extractor, extractor_name = fid_feature_extractor(device, cfg.fid.inception)
+    if extractor_name == PLUMBING:
+        print(f"fraqat-eval: {PLUMBING}: checks generation, batching and feature extraction on {device}; "
+              f"the distances are reported as plumbing_fid / plumbing_kid")
     model, processor_or_reason = load_clip(cfg.clip.model) if cfg.clip.model else (None, "clip.model=null")
     clip = None
     if model is None:

@@ -26,7 +26,7 @@ def comparison_table(results: list[dict]) -> str:
     """Markdown table, one row per evaluated model; `vs standard` is the relative FID gap to plain QAT
     at the same granularity (negative: closer to the teacher). With ground-truth scenes it also shows
     `FID val` (against the rendered scenes) and `attributes` (attribute accuracy)."""
-    baseline = {r["granularity"]: r["fid"] for r in results if r.get("schedule") == BASELINE}
+    baseline = {r["granularity"]: r.get("fid") for r in results if r.get("schedule") == BASELINE}
     ground_truth = any("fid_val" in r for r in results)
     clip_fid = any("clip_fid" in r for r in results)  # CLIP weights were given
     extra = (" CLIP-FID |" if clip_fid else "") + (" FID val | attributes |" if ground_truth else "")
@@ -38,10 +38,11 @@ def comparison_table(results: list[dict]) -> str:
         results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")
     ):
         base = baseline.get(r.get("granularity"))
-        gap = f"{(r['fid'] - base) / base:+.1%}" if base and r.get("schedule") not in (None, BASELINE) else "-"
+        gap = f"{(r['fid'] - base) / base:+.1%}" if base and r.get("fid") is not None \
+            and r.get("schedule") not in (None, BASELINE) else "-"
         lines.append(
             f"| {r['label']} | {r.get('schedule') or 'teacher'} | {r.get('granularity') or '-'} | "
-            f"{_fmt(r.get('weight_bits'), 2) if r.get('weight_bits') else 'fp'} | {_fmt(r['fid'])} | "
+            f"{_fmt(r.get('weight_bits'), 2) if r.get('weight_bits') else 'fp'} | {_fmt(r.get('fid'))} | "
             f"{_fmt(r.get('kid'), 5)} | {_fmt(r.get('clip_score'), 2)} | "
             + (f"{_fmt(r.get('clip_fid'))} | " if clip_fid else "")
             + (f"{_fmt(r.get('fid_val'))} | {_fmt(r.get('attribute_accuracy'))} | " if ground_truth else "")
@@ -71,6 +72,11 @@ def measurement_notes(results: list[dict]) -> list[str]:
                      f"points as noise, and use {ADVISED_FID_IMAGES}+ images (10k+ for published figures).")
     notes.append("KID is clean-fid's unbiased estimate: two sets closer than its sampling noise can score "
                  "slightly below 0.")
+    plumbing = [r for r in results if r.get("plumbing_check")]
+    if plumbing:  # fid.inception=plumbing: the FID and KID columns stay empty
+        figures = ", ".join(f"{r['label']} {_fmt(r.get('plumbing_fid'))}" for r in plumbing)
+        notes.append(f"{plumbing[0]['plumbing_check']}: FID and KID are left empty; plumbing_fid ({figures}) only "
+                     f"shows that generation, batching, features and the FID arithmetic ran.")
     return notes
 
 

@@ -25,6 +25,7 @@ from fraqat_cli.cli import warn
 from fraqat_cli.data.conditioning import prompt_conditioning
 from fraqat_cli.evaluate.clip_score import CLIPImageFeatures, clip_score
 from fraqat_cli.evaluate.content import content_digest
+from fraqat_cli.evaluate.fid_features import PLUMBING, mark_plumbing
 from fraqat_cli.evaluate.ground_truth import attribute_scores, scene_image_files
 from fraqat_cli.evaluate.metrics import (
     fid_from_features,
@@ -238,7 +239,7 @@ class Evaluator:
             results.update(self.clip_fid(files, teacher_dir, teacher_files, what))
         if self.scenes is not None:
             results.update(self.ground_truth_metrics(features, images))
-        return results
+        return mark_plumbing(results) if self.extractor_name == PLUMBING else results
 
     def reference_images(self) -> tuple[Path, list[Path]]:
         """`reference_dir` and its images (png, jpg), in name order."""
