@@ -13,7 +13,7 @@ from train_support import console
 
 from fraqat_cli.models.architecture import build_transformer, count_parameters
 from fraqat_cli.plan.command import Layout, per_device
-from fraqat_cli.plan.depth import block_counts, trace_by_depth
+from fraqat_cli.plan.depth import block_counts, trace_by_depth, with_depth
 from fraqat_cli.plan.trace import FLOP_FORMULAS, example_row, stand_in_data, trace_step
 from fraqat_cli.quant import QuantizedLayer
 from fraqat_cli.student.build import build_student
@@ -179,20 +179,30 @@ def test_learned_scales_are_counted_as_trained_parameters_with_their_optimizer_s
     assert learned.optimizer_bytes - plain.optimizer_bytes == 8 * scales + 4 * len(layers)
 
 
-@pytest.mark.parametrize("preset, counts", [("pixart_sigma", {"num_layers": 28}),
-                                            ("flux_schnell", {"num_layers": 19, "num_single_layers": 38}),
-                                            ("sd35_medium", None),  # dual-attention blocks differ by index
-                                            ("tiny_pixart", None)])  # no architecture: traced whole, it is small
-def test_the_models_whose_blocks_repeat_are_traced_on_shallow_twins(preset, counts):
-    assert block_counts(plan_config(f"model={preset}").model) == counts
+@pytest.mark.parametrize("overrides, counts", [
+    (["model=pixart_sigma"], {"num_layers": 28}),
+    (["model=flux_schnell"], {"num_layers": 19, "num_single_layers": 38}),
+    (["model=sd35_medium"], {"dual_attention_layers": 13, "num_layers": 11}),  # 13 dual blocks first, 11 others
+    (["model=sd35_medium", "model.architecture.dual_attention_layers=[0,5]"], None),  # blocks differ by index
+    (["model=tiny_pixart"], None)],  # no architecture: traced whole, it is small
+    ids=["pixart_sigma", "flux_schnell", "sd35_medium", "sd35_scattered_dual_blocks", "tiny_pixart"])
+def test_the_models_whose_blocks_repeat_are_traced_on_shallow_twins(overrides, counts):
+    assert block_counts(plan_config(*overrides).model) == counts
+
+
+def test_an_sd35_twin_keeps_its_dual_blocks_first_and_its_last_block_last():
+    twin = with_depth(plan_config("model=sd35_medium"), {"dual_attention_layers": 3, "num_layers": 2}).model
+    assert twin.architecture.num_layers == 5 and list(twin.architecture.dual_attention_layers) == [0, 1, 2]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["pixart_sigma", "sd35_medium"])
 @pytest.mark.parametrize("overrides", [(), ("trainable=lora", "gradient_checkpointing=true")])
-def test_the_step_extrapolated_from_shallow_twins_is_the_whole_models_trace(overrides):
-    """The real-size PixArt-Sigma XL-2 (28 blocks, on fake tensors): what two shallow traces derive against one
-    trace of the whole depth. Planned peaks stay within 5% of the whole trace; counts and FLOPs add up exactly."""
-    cfg = plan_config("model=pixart_sigma", "data.batch_size=2", *overrides)
+def test_the_step_extrapolated_from_shallow_twins_is_the_whole_models_trace(model, overrides):
+    """The real-size PixArt-Sigma XL-2 (28 blocks) and SD3.5 Medium (13 dual blocks, 11 others), on fake
+    tensors: what two or three shallow traces derive against one trace of the whole depth. Planned peaks stay
+    within 5% of the whole trace; counts and FLOPs add up exactly."""
+    cfg = plan_config(f"model={model}", "data.batch_size=2", *overrides)
     row = example_row(cfg.model)
     derived = trace_by_depth(cfg, 2, accumulating=False, row=row)
     whole = trace_step(cfg, 2, accumulating=False, row=row)

@@ -3,8 +3,9 @@
 It takes fraqat-train's overrides, traces one training step (`fraqat_cli.plan.trace`: fake tensors, torch's
 FLOP counter and memory tracker on the real architecture), spreads what the step holds over the configured
 devices (DDP replicates the student; FSDP shards its weights, gradients and optimizer state), and writes
-`plan.json` into the run's folder. A run that does not fit gets the options that would make it fit, each
-traced with its new peak.
+`plan.json` into the run's folder. The step is traced once, as configured; a run that does not fit gets the
+options that would make it fit, each traced with its new peak (or, for a layout change alone, the same trace
+spread again).
 """
 
 from __future__ import annotations
@@ -146,10 +147,9 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     row = example_row(cfg.model)  # the same row for every trace below: the options leave the model as it is
     trace, length = trace_run(cfg, layout, samples, row)
     spread = per_device(trace, layout)
-    other = compose_with(cfg, overrides, [f"gradient_checkpointing={not cfg.gradient_checkpointing}"])
-    other_trace, _ = trace_run(other, layout, samples, row)
-    activations = {bool(cfg.gradient_checkpointing): trace.activation_bytes,
-                   not cfg.gradient_checkpointing: other_trace.activation_bytes}
+    # The other gradient-checkpointing setting is traced only when it is offered as an option (below): no
+    # arithmetic on this trace gives what the step without checkpointing would keep alive.
+    activations = {bool(cfg.gradient_checkpointing): trace.activation_bytes, not cfg.gradient_checkpointing: None}
     epochs = cfg.plan.epochs if cfg.plan.epochs is not None else length.epochs
     steps = length.steps if cfg.plan.epochs is None else math.ceil(epochs * samples / length.global_batch)
     flops_per_step = trace.flops * length.accumulation
@@ -192,7 +192,10 @@ def make_plan(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         "suggestions": [],
     }
     if not plan["fits"] and cfg.plan.suggest:
-        plan["suggestions"] = suggestions(cfg, overrides, layout, samples, budget, trace, other_trace, row)
+        plan["suggestions"] = suggestions(cfg, overrides, layout, samples, budget, trace, row)
+        for s in plan["suggestions"]:
+            if s["overrides"] == ["gradient_checkpointing=true"]:
+                plan["activation_bytes"]["with_checkpointing"] = s["activation_bytes"]
     return plan
 
 
@@ -212,16 +215,17 @@ def _option_exists(group: str, option: str) -> bool:
     return (resources.files("fraqat_cli.conf") / group / f"{option}.yaml").is_file()
 
 
-def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, trace, other_trace,
+def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, trace: StepTrace,
                 row: dict) -> list[dict]:
-    """Each option that changes what a device holds, with its new peak (traced, or from the same trace when
-    only the layout changes); then, when none fits alone, the options combined in order until they fit."""
+    """Each option that changes what a device holds, with its new peak and activations (traced, or from the
+    same trace when only the layout changes); then, when none fits alone, the options combined in order until
+    they fit."""
     options = []
     if not cfg.gradient_checkpointing:
-        options.append((["gradient_checkpointing=true"], lambda: per_device(other_trace, layout)["peak"]))
+        options.append((["gradient_checkpointing=true"], None))
     if layout.devices > 1 and layout.strategy != "fsdp":
         sharded = Layout("fsdp", layout.devices, layout.gpu)
-        options.append((["trainer=fsdp"], lambda: per_device(trace, sharded)["peak"]))
+        options.append((["trainer=fsdp"], lambda: (per_device(trace, sharded)["peak"], trace.activation_bytes)))
     for group, option in (("optim", "adamw8bit"), ("trainable", "lora")):
         chosen = OmegaConf.select(cfg, "optim._target_" if group == "optim" else "trainable.lora")
         if _option_exists(group, option) and not (chosen and option in str(chosen) or group == "trainable" and chosen):
@@ -230,24 +234,26 @@ def suggestions(cfg, overrides, layout: Layout, samples: int, budget: float, tra
         smaller = max(1, cfg.data.batch_size // 4)
         options.append(([f"data.batch_size={smaller}", *_accumulation(cfg, cfg.data.batch_size // smaller)], None))
 
-    def peak_of(extra: list[str]) -> int:
+    def traced(extra: list[str]) -> tuple[int, int]:
+        """(peak per device, activation bytes) of the run with `extra` overrides, traced."""
         changed = compose_with(cfg, overrides, extra)
         changed_layout = Layout("fsdp", layout.devices, layout.gpu) if "trainer=fsdp" in extra else layout
         if "trainer=fsdp" in extra:
             changed.trainer.devices, changed.trainer.accelerator = layout.devices, cfg.trainer.accelerator
-        return per_device(trace_run(changed, changed_layout, samples, row)[0], changed_layout)["peak"]
+        changed_trace = trace_run(changed, changed_layout, samples, row)[0]
+        return per_device(changed_trace, changed_layout)["peak"], changed_trace.activation_bytes
 
-    found = []
-    for extra, known in options:
-        peak = known() if known else peak_of(extra)
-        found.append({"overrides": extra, "peak_bytes_per_device": peak, "fits": peak <= budget})
+    def suggestion(extra: list[str], peak: int, activations: int) -> dict:
+        return {"overrides": list(extra), "peak_bytes_per_device": peak, "activation_bytes": activations,
+                "fits": peak <= budget}
+
+    found = [suggestion(extra, *(known() if known else traced(extra))) for extra, known in options]
     if len(found) > 1 and not any(s["fits"] for s in found):
         combined = list(options[0][0])
         for extra, _ in options[1:]:
             combined += extra
-            peak = peak_of(combined)
-            found.append({"overrides": list(combined), "peak_bytes_per_device": peak, "fits": peak <= budget})
-            if peak <= budget:
+            found.append(suggestion(combined, *traced(combined)))
+            if found[-1]["fits"]:
                 break
     return found
 
@@ -276,8 +282,7 @@ def describe(plan: dict) -> str:
         ("parameters", f"teacher {plan['teacher_params']:,}, student {plan['student_params']:,}, "
                        f"trainable {plan['trainable_params']:,}"),
         *((f"  {name.replace('_', ' ')}", _size(value)) for name, value in plan["bytes_per_device"].items()),
-        ("activations", f"{_size(plan['activation_bytes']['with_checkpointing'])} with gradient checkpointing, "
-                        f"{_size(plan['activation_bytes']['without_checkpointing'])} without"),
+        ("activations", _activations(plan)),
         ("peak per device", f"{_size(plan['peak_bytes_per_device'])} of {_size(plan['usable_bytes'])} usable on "
                             f"{plan['gpu']} ({_size(plan['gpu_memory_bytes'])}): "
                             f"{'fits' if plan['fits'] else 'does NOT fit'}"),
@@ -295,6 +300,16 @@ def describe(plan: dict) -> str:
                                  f"{' (fits)' if s['fits'] else ''}"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _activations(plan: dict) -> str:
+    """Activations at the peak with and without gradient checkpointing; a setting not traced is named."""
+    with_it, without = plan["activation_bytes"]["with_checkpointing"], plan["activation_bytes"]["without_checkpointing"]
+    if with_it is not None and without is not None:
+        return f"{_size(with_it)} with gradient checkpointing, {_size(without)} without"
+    on = with_it is not None
+    return (f"{_size(with_it if on else without)} {'with' if on else 'without'} gradient checkpointing "
+            f"(the other setting is not traced: gradient_checkpointing={str(not on).lower()} plans it)")
 
 
 def write_plan(plan: dict, run_dir: Path) -> Path:
