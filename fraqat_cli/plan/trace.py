@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fraqat_cli.models.architecture import block_classes, build_transformer, count_parameters
@@ -250,9 +251,48 @@ def _fake_step_inputs(module, teacher: nn.Module, row: dict, batch_size: int, ac
     for p in module.student.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
-    optimizer.step()  # creates the optimizer state
+    _create_state(optimizer)
     optimizer.zero_grad(set_to_none=not accumulating)
     return batch, optimizer
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """What a first step on zero gradients leaves in the optimizer: every parameter's state. Parameters of one
+    group, shape and dtype get states alike, so the step runs on one of each and the others get copies of its
+    state (`_copied`): on fake tensors the 8-bit AdamW step costs milliseconds a parameter, and LoRA gives a FLUX
+    twin hundreds of them."""
+    originals = [group["params"] for group in optimizer.param_groups]
+    first_of, copies = {}, []
+    for index, group in enumerate(optimizer.param_groups):
+        stepped = []
+        for p in group["params"]:
+            key = (index, tuple(p.shape), p.dtype, p.grad is not None)
+            if key in first_of:
+                copies.append((p, first_of[key]))
+            else:
+                first_of[key] = p
+                stepped.append(p)
+        group["params"] = stepped
+    try:
+        optimizer.step()
+    finally:
+        for group, params in zip(optimizer.param_groups, originals):
+            group["params"] = params
+    for p, source in copies:
+        if source in optimizer.state:
+            optimizer.state[p] = {key: _copied(value) for key, value in optimizer.state[source].items()}
+
+
+def _copied(value):
+    """A copy with storage of its own: a tensor cloned; a wrapper subclass (torchao's 8-bit state: codes, scales
+    and map) rebuilt around clones of its inner tensors, since its own copies may share them."""
+    if not isinstance(value, torch.Tensor):
+        return copy.copy(value)
+    if is_traceable_wrapper_subclass(value):
+        names, meta = value.__tensor_flatten__()
+        inner = {name: _copied(getattr(value, name)) for name in names}
+        return type(value).__tensor_unflatten__(inner, meta, value.size(), value.stride())
+    return value.clone()
 
 
 def _module_to_trace(cfg: DictConfig, teacher: nn.Module, batch_size: int):
