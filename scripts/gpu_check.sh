@@ -64,6 +64,7 @@ if [ "$ACCELERATOR" = gpu ]; then
   SHORT=()                                    # the GPU runs take the real prompt lengths
   STEPS_NAN=4 STEPS_COMPILE=8
   FLUX_DATA=(data.num_prompts=8 data.batch_size=2)
+  PROMPTS_COMPILE=32 PROMPTS_REAL=64
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/gpu-memory.log" &
   SAMPLER=$!
@@ -75,6 +76,8 @@ else
   STEPS_NAN=1 STEPS_COMPILE=3
   # bf16 matmuls crawl on a CPU: the FLUX block's teacher latents (4 sampler steps a prompt) in float32, 2 prompts
   FLUX_DATA=(data.num_prompts=2 data.batch_size=2 model.dtype=float32)
+  SHORT+=(model.dtype=float32)                # the PixArt runs' teacher latents too (20 sampler steps a prompt)
+  PROMPTS_COMPILE=4 PROMPTS_REAL=8
   : > "$OUT/gpu-memory.log"
 fi
 : > "$OUT/figures.md"
@@ -171,7 +174,7 @@ if wanted compile; then
   for mode in eager compiled; do
     switch=(compile.enabled=false); [ "$mode" = compiled ] && switch=(compile.enabled=true "${COMPILE[@]}")
     stage "compile-$mode" "$BIN/fraqat-train" "${PIXART[@]}" "${SHORT[@]}" "${switch[@]}" \
-      trainer.max_steps="$STEPS_COMPILE" data.num_prompts=32 checkpoint.every_n_steps=1000 \
+      trainer.max_steps="$STEPS_COMPILE" data.num_prompts="$PROMPTS_COMPILE" checkpoint.every_n_steps=1000 \
       hydra.run.dir="$OUT/compile/$mode" ${GPU_CHECK_REAL_OVERRIDES:-}
     report "$OUT/compile/$mode" "compile $mode"
   done
@@ -195,8 +198,8 @@ if wanted real; then
   echo "== 6. real-size PixArt-Sigma XL-2 (random weights) at $RESOLUTION px on $ACCELERATOR"
   build_pixart
   run="$OUT/real/pixart_sigma"
-  REAL=("${PIXART[@]}" trainer.max_steps=10 data.num_prompts=64 checkpoint.every_n_steps=5 sample_every_n_steps=10
-        hydra.run.dir="$run" ${GPU_CHECK_REAL_OVERRIDES:-})
+  REAL=("${PIXART[@]}" "${SHORT[@]}" trainer.max_steps=10 data.num_prompts="$PROMPTS_REAL" checkpoint.every_n_steps=5
+        sample_every_n_steps=10 hydra.run.dir="$run" ${GPU_CHECK_REAL_OVERRIDES:-})
   # Kill the first attempt (SIGKILL, as a preempted job dies) once its step-5 checkpoint is on disk.
   "$BIN/fraqat-train" "${REAL[@]}" > "$OUT/train-real-killed.log" 2>&1 &
   job=$!
