@@ -23,7 +23,8 @@ def cache_dir(tmp_path_factory):
 # Test files whose end-to-end runs take minutes, longest first. `make test` hands whole files to its two workers
 # (`--dist loadfile`) in collection order; starting the longest first keeps one worker from being handed a
 # three-minute file when the other is nearly done (measured: 13.5 min alphabetical, the CPU time allowing ~11).
-LONGEST_FIRST = ("test_eval_trust.py", "test_sharding.py", "test_faults.py", "test_export_diffusers.py",
+LONGEST_FIRST = ("test_eval_trust.py", "test_sharding.py", "test_compiled_student.py", "test_faults.py",
+                 "test_export_diffusers.py",
                  "test_resume_reproducible.py", "test_docs.py", "test_export_gguf.py", "test_run_ownership.py",
                  "test_train_cli.py", "test_plan.py", "test_export_cli.py", "test_trusted_files.py",
                  "test_half_states.py",
