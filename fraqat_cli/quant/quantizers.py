@@ -59,7 +59,7 @@ class FakeQuantizer(nn.Module):
     - `mse`: the buffer `clip_ratio`, searched from the weight the first time the quantizer runs at a new
       bit-width and fixed until the next change; the scale is clip_ratio * max|W| / levels at every step.
 
-    Under torch.compile (`compiled` below) the forward reads the bit-width from the buffer instead, and what it
+    Under torch.compile (`traced_forward` below) the forward reads the bit-width from the buffer instead, and what it
     branches on is kept in plain bools (`_active`, `_stale`) that change only at full precision's edge and, for
     `mse`, once per bit change: dynamo guards on those, never on the bit-width's value.
     """
@@ -161,7 +161,7 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return self.compiled(x)
+            return self.traced_forward(x)
         if self.spec.scale == "max" or self._bits >= PASS_THROUGH_BITS:
             return fake_quantize_spec(x, self._bits, self.spec, clip_gradient=self.clip_gradient)
         scale = self.scale_of(x)
@@ -171,8 +171,8 @@ class FakeQuantizer(nn.Module):
         out = learned_fake_quantize(view, scale.reshape(*view.shape[:-1], 1), self._bits, self.spec.rounding)
         return out.reshape(x.shape).to(x.dtype)
 
-    def compiled(self, x: torch.Tensor, value_range: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+    def traced_forward(self, x: torch.Tensor,
+                       value_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The forward as torch.compile traces it (quant/traced.py): the same values, the bit-width a tensor."""
         if not self._active:
             return x
@@ -232,7 +232,7 @@ class ActivationQuantizer(FakeQuantizer):
                 "run calibration batches inside fraqat_cli.quant.calibrate_activations(model)"
             )
         if torch.compiler.is_compiling():
-            return self.compiled(x, value_range=(self.range_min, self.range_max))
+            return self.traced_forward(x, value_range=(self.range_min, self.range_max))
         return fake_quantize_spec(
             x, self._bits, self.spec, value_range=(self.range_min, self.range_max), clip_gradient=True
         )
