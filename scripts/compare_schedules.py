@@ -58,7 +58,8 @@ from fraqat_cli.student.checkpoint import StudentCheckpoint
 from fraqat_cli.train.distill import DistillationModule
 from fraqat_cli.train.optimizers import adamw
 
-HEADLINE = ["standard", "fractional"]  # the rows --seeds counts; --other-seeds counts the rest
+# The rows --seeds counts (plain QAT and the paper's schedule, at 4 bits and carried to 3); --other-seeds the rest.
+HEADLINE = ["standard", "fractional", "standard_w3", "fractional_w3"]
 
 
 def conf_names(group: str) -> list[str]:

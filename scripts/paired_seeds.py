@@ -11,6 +11,7 @@ import math
 import statistics
 from importlib import resources
 
+from fraqat_cli.evaluate.comparison import plain_qat
 from fraqat_cli.evaluate.intervals import CONFIDENCE, t_interval
 from fraqat_cli.models.toy import TEACHERS
 from fraqat_cli.quant.spec import ROUNDINGS
@@ -23,8 +24,10 @@ def presets(group: str, first: list[str]) -> list[str]:
     return [n for n in first if n in names] + sorted(names - set(first))
 
 
-SCHEDULES = presets("schedule", ["fp", "standard", "simple", "integer", "fractional", "cosine", "linear"])
-METHOD_NAMES = {"standard": "standard QAT", "fractional": "FraQAT"}
+SCHEDULES = presets("schedule", ["fp", "standard", "simple", "integer", "fractional", "cosine", "linear",
+                                 "standard_w3", "fractional_w3"])
+METHOD_NAMES = {"standard": "standard QAT", "fractional": "FraQAT", "standard_w3": "standard QAT (W3)",
+                "fractional_w3": "FraQAT (W3)"}
 MODELS = list(TEACHERS)  # the toy teachers the benchmarks train on (conf/model/toy*.yaml)
 GRANULARITIES = [g for g in presets("quantizer", ["per_tensor", "per_channel"]) if g != "per_group"]
 # Which weights are quantized, by name: `selection=` (which layers) and `quantizer.layers` (which kinds) together.
@@ -109,12 +112,13 @@ def order(key: tuple) -> tuple:
 
 
 def _baseline(groups: dict, key: tuple) -> tuple | None:
-    """The `standard` arm a key's gap is measured against: same model, selection, rounding and granularity (a
-    rounding equal to another at integer bits borrows that one's runs)."""
+    """The plain-QAT arm a key's gap is measured against (`standard`, or `standard_w3` for `*_w3` schedules): same
+    model, selection, rounding and granularity (a rounding equal to another at integer bits borrows that one's
+    runs)."""
     model, selection, rounding, schedule, granularity = key
     for candidate in (rounding, SAME_AT_INTEGER_BITS.get(rounding)):
-        base = (model, selection, candidate, "standard", granularity)
-        if candidate and base in groups and schedule not in ("standard", "fp"):
+        base = (model, selection, candidate, plain_qat(schedule), granularity)
+        if candidate and base in groups and schedule not in (plain_qat(schedule), "fp"):
             return base
     return None
 

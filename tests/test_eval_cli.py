@@ -133,6 +133,15 @@ def test_prompts_without_ground_truth_keep_the_table_as_it_was():
     assert row == "| a | standard | per_tensor | 4.00 | 2.000 | - | - | 30.000 | 0.750 | - |"
 
 
+def test_the_gap_of_a_w3_schedule_is_to_plain_qat_at_3_bits():
+    row = lambda label, schedule, bits, fid: {"label": label, "schedule": schedule,  # noqa: E731
+                                             "granularity": "per_channel", "weight_bits": bits, "fid": fid}
+    table = comparison_table([row("s4", "standard", 4.0, 2.0), row("f4", "fractional", 4.0, 1.8),
+                              row("s3", "standard_w3", 3.0, 10.0), row("f3", "fractional_w3", 3.0, 9.0)])
+    gaps = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[1].strip(" |") for line in table.splitlines()[2:6]}
+    assert gaps == {"s4": "-", "f4": "-10.0%", "s3": "-", "f3": "-10.0%"}  # not 9 / 2 - 1
+
+
 def test_a_csv_from_before_the_new_columns_gets_them_and_keeps_its_rows(tmp_path):
     path = tmp_path / "results.csv"
     path.write_text("label,model,fid\r\nold,toy,3.5\r\n")

@@ -119,3 +119,14 @@ def test_family_table_counts_the_seeds_closer_than_standard_and_adjusts_p_within
     lines = summarize(renamed).splitlines()
     integer = next(line for line in lines if line.startswith("| toy_flux | per_tensor | integer |"))
     assert f"| {holm({'x': p['toy_flux']})['x']:.3f} (1) |" in integer  # a schedule of one gap: unadjusted
+
+
+def test_a_w3_schedule_is_paired_with_plain_qat_at_3_bits_not_4():
+    rows = (family_rows("toy", "transformer_blocks", "standard", "per_channel", [8.0, 9.0], 0.409)
+            + family_rows("toy", "transformer_blocks", "standard_w3", "per_channel", [20.0, 30.0], 0.409)
+            + family_rows("toy", "transformer_blocks", "fractional_w3", "per_channel", [18.0, 24.0], 0.409))
+    lines = summarize(rows, [{"model": "toy", "fid": 0.0}]).splitlines()
+    fraqat_w3 = next(line for line in lines if line.startswith("| toy | per_channel | FraQAT (W3) | 2 |"))
+    assert "| -15.0% |" in fraqat_w3  # 18/20 and 24/30: -10%, -20%; against standard's 8 and 9 it would be +...
+    plain_w3 = next(line for line in lines if line.startswith("| toy | per_channel | standard QAT (W3) | 2 |"))
+    assert "| - | - | - | - | - |" in plain_w3  # a baseline has no gap of its own

@@ -163,3 +163,16 @@ def test_a_budget_too_short_for_the_stages_names_the_bits_it_skips():
     enough = fractional.steps_for_every_stage()
     assert fractional.skipped_stages(enough) == [] and fractional.skipped_stages(enough - 1) != []
     assert set(bits_trace(fractional, enough)) == {s.bits for s in fractional.stages}
+
+
+def test_each_end_width_has_its_plain_qat_preset():
+    """Every `<shape>_w<bits>` schedule preset has `standard_w<bits>`, constant at the width it ends at: the
+    baseline its students are paired with (fraqat_cli.evaluate.comparison.plain_qat)."""
+    from fraqat_cli.evaluate.comparison import plain_qat
+
+    presets = {p.stem: instantiate(OmegaConf.load(p)) for p in SCHEDULE_PRESETS if p.stem != "fp"}  # no QAT
+    assert plain_qat("fractional") == plain_qat("standard") == "standard"
+    assert plain_qat("fractional_w3") == "standard_w3" and plain_qat(None) == "standard"
+    for name, schedule in presets.items():
+        base = presets[plain_qat(name)]
+        assert base(0, 100) == base(99, 100) == schedule(99, 100), name

@@ -5,6 +5,7 @@ were measured on (images, seeds), as a markdown table and a bar chart with inter
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,14 @@ from fraqat_cli.files import atomic_write
 BASELINE = "standard"
 
 
+def plain_qat(schedule: str | None) -> str:
+    """The plain-QAT schedule whose students a schedule's are compared with: `standard` (4 bits from the first
+    step), or for a preset named for another end width (`fractional_w3`) the constant one at that width
+    (`standard_w3`), so a W3 curriculum is never measured against 4-bit students."""
+    width = (schedule or "").rpartition("_")[2]
+    return f"{BASELINE}_{width}" if re.fullmatch(r"w\d+", width) else BASELINE
+
+
 def _fmt(value, digits=3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -26,7 +35,8 @@ def comparison_table(results: list[dict]) -> str:
     """Markdown table, one row per evaluated model; `vs standard` is the relative FID gap to plain QAT
     at the same granularity (negative: closer to the teacher). With ground-truth scenes it also shows
     `FID val` (against the rendered scenes) and `attributes` (attribute accuracy)."""
-    baseline = {r["granularity"]: r.get("fid") for r in results if r.get("schedule") == BASELINE}
+    baseline = {(r["schedule"], r["granularity"]): r.get("fid") for r in results
+                if r.get("schedule") is not None and r["schedule"] == plain_qat(r["schedule"])}
     ground_truth = any("fid_val" in r for r in results)
     clip_fid = any("clip_fid" in r for r in results)  # CLIP weights were given
     extra = (" CLIP-FID |" if clip_fid else "") + (" FID val | attributes |" if ground_truth else "")
@@ -37,9 +47,10 @@ def comparison_table(results: list[dict]) -> str:
     for r in sorted(
         results, key=lambda r: (r["schedule"] is not None, r.get("granularity") or "", r.get("schedule") or "")
     ):
-        base = baseline.get(r.get("granularity"))
+        schedule = r.get("schedule")
+        base = baseline.get((plain_qat(schedule), r.get("granularity")))
         gap = f"{(r['fid'] - base) / base:+.1%}" if base and r.get("fid") is not None \
-            and r.get("schedule") not in (None, BASELINE) else "-"
+            and schedule not in (None, plain_qat(schedule)) else "-"
         lines.append(
             f"| {r['label']} | {r.get('schedule') or 'teacher'} | {r.get('granularity') or '-'} | "
             f"{_fmt(r.get('weight_bits'), 2) if r.get('weight_bits') else 'fp'} | {_fmt(r.get('fid'))} | "
