@@ -163,6 +163,8 @@ def test_harsher_recipes_keep_the_w4a8_rate_and_batch_and_reach_their_targets(mo
         assert cfg.quantizer.granularity == "per_channel"
         assert instantiate(cfg.schedule).end_bits == weight_bits
         assert instantiate(cfg.activation_schedule)(99, 100) == activation_bits
+        if target == "w3a8":  # plain QAT at 3 bits: fractional_w3 was closer in no toy family (quality-levers.md)
+            assert cfg.schedule.name == "standard_w3" and instantiate(cfg.schedule)(0, 100) == 3.0
         if target == "w4a4":
             assert cfg.quantizer.activation_granularity == "per_channel"  # per token
             assert instantiate(cfg.activation_schedule)(0, 100) == 8.0
