@@ -160,7 +160,7 @@ def test_harsher_recipes_keep_the_w4a8_rate_and_batch_and_reach_their_targets(mo
         cfg = compose_train(f"experiment={model}_{target}")
         assert (cfg.optim.lr, cfg.global_batch_size, cfg.model.name) == (base.optim.lr, base.global_batch_size,
                                                                            base.model.name)
-        assert cfg.quantizer.granularity == "per_channel"
+        assert (cfg.quantizer.granularity, cfg.quantizer.scale) == ("per_channel", "mse")  # quality-levers.md
         assert instantiate(cfg.schedule).end_bits == weight_bits
         assert instantiate(cfg.activation_schedule)(99, 100) == activation_bits
         if target == "w3a8":  # plain QAT at 3 bits: fractional_w3 was closer in no toy family (quality-levers.md)
