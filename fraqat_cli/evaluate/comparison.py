@@ -36,7 +36,7 @@ def comparison_table(results: list[dict]) -> str:
     at the same granularity (negative: closer to the teacher). With ground-truth scenes it also shows
     `FID val` (against the rendered scenes) and `attributes` (attribute accuracy)."""
     baseline = {(r["schedule"], r["granularity"]): r.get("fid") for r in results
-                if r.get("schedule") is not None and r["schedule"] == plain_qat(r["schedule"])}
+                if r.get("schedule") == plain_qat(r.get("schedule"))}  # the teacher's None is no baseline
     ground_truth = any("fid_val" in r for r in results)
     clip_fid = any("clip_fid" in r for r in results)  # CLIP weights were given
     extra = (" CLIP-FID |" if clip_fid else "") + (" FID val | attributes |" if ground_truth else "")
